@@ -1,0 +1,257 @@
+"""Conditional scores: how much an unselected candidate adds to an already-selected set.
+
+JEST's joint sampler needs, at every chunk, the score of each candidate i given the
+set S selected so far. Each loss kind gets one small class that keeps that score as
+a running vector and updates it from the newest chunk only:
+
+- ``PerExampleScores``: c_i = s_i (scores add up, so nothing changes between chunks).
+- ``SigmoidScores``: c_i = S_ii + sum_{k in S} (S_ik + S_ki), with
+  S_ij = sum_m w_m * nll_m(i, j) and nll(i, j) = -log sigmoid(y_ij * (a * zi_i . zt_j + b)).
+  Only the rows and columns of S for the new chunk are computed, from the embeddings
+  (B x |C| x d matmuls): O(B * b) work and memory, never a B x B matrix.
+- ``SoftmaxScores``: CLIP's loss does not decompose into pairs, so the candidate's own
+  loss is recomputed against the selected set: ell_i(S) = mean of the image->text and
+  text->image cross-entropies of i within S + {i}. Running log-sum-exps over S keep this
+  O(B * |C| * d) per chunk. Given the empty set (the first chunk, and ``topk``) the
+  context is the whole super-batch, computed in row blocks (no B x B allocation).
+
+The weights w_m come from the score rule (learnability = learner - reference).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from jest_stream.scores import SCORE_WEIGHTS, Embeddings, Losses, check_name, SCORES
+
+# softplus(x) = log(1 + e^x) is computed as x itself above this (error < 1e-13).
+_SOFTPLUS_LINEAR = 30.0
+_ROW_BLOCK = 4096
+
+_N_THREADS = max(1, min(8, os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+
+
+def _threads() -> ThreadPoolExecutor:
+    """A small shared pool: numpy's ufuncs release the GIL, so row blocks run in parallel."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_N_THREADS, thread_name_prefix="jest-softplus")
+    return _pool
+
+
+def _softplus_rowsum_inplace(x: np.ndarray) -> np.ndarray:
+    """Row sums of softplus(x) for a (rows, k) float32 block; overwrites ``x``."""
+    over = float(x.max(initial=-np.inf)) > _SOFTPLUS_LINEAR
+    if over:
+        excess = np.maximum(x - _SOFTPLUS_LINEAR, 0.0).sum(axis=1, dtype=np.float64)
+        np.minimum(x, _SOFTPLUS_LINEAR, out=x)
+    np.exp(x, out=x)
+    x += 1.0
+    np.log(x, out=x)
+    sums = x.sum(axis=1, dtype=np.float64)
+    return sums + excess if over else sums
+
+
+def softplus_rowsum(x: np.ndarray) -> np.ndarray:
+    """Row sums of softplus(x) = -log sigmoid(-x) for a 2-D float32 array; overwrites ``x``.
+
+    Large arrays are split in row blocks across threads (the elementwise pass is the
+    part of the joint sampler that BLAS does not already parallelise).
+    """
+    rows = x.shape[0]
+    if rows < 512 or _N_THREADS < 2 or x.size < 1 << 16:
+        return _softplus_rowsum_inplace(x)
+    bounds = np.linspace(0, rows, _N_THREADS + 1, dtype=int)
+    parts = list(_threads().map(lambda ab: _softplus_rowsum_inplace(x[ab[0]:ab[1]]),
+                                zip(bounds[:-1], bounds[1:])))
+    return np.concatenate(parts)
+
+
+def _weights(score: str) -> tuple[float, float]:
+    return SCORE_WEIGHTS[check_name(score, SCORES, "score")]
+
+
+class PerExampleScores:
+    """Per-example losses: the joint learnability of a set is the sum of its members'."""
+
+    def __init__(self, learner: Losses | None, reference: Losses | None, score: str = "learnability"):
+        w_l, w_r = _weights(score)
+        total = np.zeros(_batch(learner, reference), dtype=np.float64)
+        for w, m in ((w_l, learner), (w_r, reference)):
+            if w:
+                total += w * m.values
+        self._s = total
+
+    @property
+    def batch_size(self) -> int:
+        return self._s.shape[0]
+
+    def diagonal(self) -> np.ndarray:
+        """Each example's own score s_i."""
+        return self._s
+
+    def initial(self) -> np.ndarray:
+        return self._s.copy()
+
+    def update(self, chunk: np.ndarray) -> np.ndarray:
+        return self._s
+
+
+class _Tower:
+    """One model's contrastive embeddings, with scale and bias folded in once."""
+
+    def __init__(self, emb: Embeddings, with_bias: bool):
+        zi, zt = emb.image, emb.text
+        self.scale = emb.logit_scale
+        self.bias = emb.logit_bias if with_bias else 0.0
+        # Fold the bias into one extra column so that a matmul yields a*zi.zt + b directly.
+        b, n = zi.shape[0], zi.shape[1]
+        self.zi = np.empty((b, n + 1), dtype=np.float32)
+        self.zi[:, :n] = zi
+        self.zi[:, :n] *= np.float32(self.scale)
+        self.zi[:, n] = np.float32(self.bias)
+        self.zt = np.empty((b, n + 1), dtype=np.float32)
+        self.zt[:, :n] = zt
+        self.zt[:, n] = 1.0
+        # Positive-pair logits x_ii.
+        self.diag = np.einsum("ij,ij->i", self.zi, self.zt, dtype=np.float64)
+
+    def rows(self, chunk: np.ndarray) -> np.ndarray:
+        """x[i, k] = a * zi_i . zt_k + b for all i and k in chunk: (B, |C|)."""
+        return self.zi @ self.zt[chunk].T
+
+    def cols(self, chunk: np.ndarray) -> np.ndarray:
+        """x[k, i] for all i and k in chunk, laid out as (B, |C|)."""
+        return self.zt @ self.zi[chunk].T
+
+
+def _towers(learner: Embeddings | None, reference: Embeddings | None, score: str, with_bias: bool):
+    w_l, w_r = _weights(score)
+    return [(w, _Tower(m, with_bias)) for w, m in ((w_l, learner), (w_r, reference)) if w]
+
+
+def _batch(learner, reference) -> int:
+    return (learner if learner is not None else reference).batch_size
+
+
+class SigmoidScores:
+    """SigLIP's pairwise sigmoid loss: S_ij = sum_m w_m * -log sigmoid(y_ij * x^m_ij)."""
+
+    def __init__(self, learner: Embeddings | None, reference: Embeddings | None,
+                 score: str = "learnability"):
+        self._towers = _towers(learner, reference, score, with_bias=True)
+        diag = np.zeros(_batch(learner, reference), dtype=np.float64)
+        for w, t in self._towers:
+            # y_ii = +1: -log sigmoid(x) = softplus(-x).
+            diag += w * np.logaddexp(0.0, -t.diag)
+        self._diag = diag
+        self._c: np.ndarray | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self._diag.shape[0]
+
+    def diagonal(self) -> np.ndarray:
+        """S_ii: each example's score on its own (positive) pair."""
+        return self._diag
+
+    def initial(self) -> np.ndarray:
+        self._c = self._diag.copy()
+        return self._c
+
+    def update(self, chunk: np.ndarray) -> np.ndarray:
+        """c_i += sum_{k in chunk} (S_ik + S_ki) for every i (off-diagonal: y = -1)."""
+        for w, t in self._towers:
+            self._c += w * softplus_rowsum(t.rows(chunk))
+            self._c += w * softplus_rowsum(t.cols(chunk))
+        return self._c
+
+
+def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-sum-exp of a 2-D array, stable, in float64; overwrites ``x``."""
+    m = x.max(axis=1, keepdims=True)
+    m[~np.isfinite(m)] = 0.0  # a row of -inf only (empty context) sums to -inf, not NaN
+    np.subtract(x, m, out=x)
+    np.exp(x, out=x)
+    return np.log(x.sum(axis=1, dtype=np.float64)) + m[:, 0].astype(np.float64)
+
+
+class SoftmaxScores:
+    """CLIP's softmax loss, conditioned on the selected set (see module docstring)."""
+
+    def __init__(self, learner: Embeddings | None, reference: Embeddings | None,
+                 score: str = "learnability"):
+        self._towers = _towers(learner, reference, score, with_bias=False)
+        self._b = _batch(learner, reference)
+        self._lse_rows: list[np.ndarray] | None = None
+        self._lse_cols: list[np.ndarray] | None = None
+        self._diag: np.ndarray | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self._b
+
+    def _own_loss(self, lse_rows: list[np.ndarray], lse_cols: list[np.ndarray]) -> np.ndarray:
+        c = np.zeros(self._b, dtype=np.float64)
+        for (w, t), lr, lc in zip(self._towers, lse_rows, lse_cols):
+            # Candidate i's logits over S + {i}: its positive x_ii joins the context.
+            i2t = np.logaddexp(lr, t.diag) - t.diag
+            t2i = np.logaddexp(lc, t.diag) - t.diag
+            c += w * 0.5 * (i2t + t2i)
+        return c
+
+    def diagonal(self) -> np.ndarray:
+        """Each example's loss score against the whole super-batch (its in-batch score)."""
+        if self._diag is None:
+            rows, cols = [], []
+            everyone = np.arange(self._b)
+            for _, t in self._towers:
+                lr = np.empty(self._b)
+                lc = np.empty(self._b)
+                for start in range(0, self._b, _ROW_BLOCK):
+                    block = everyone[start:start + _ROW_BLOCK]
+                    # Context = all others; x_ii is added back by _own_loss, so mask it out.
+                    xr = t.rows(block)  # (B, |block|): x[i, k]
+                    xc = t.cols(block)
+                    idx = block - start
+                    xr[block, idx] = -np.inf
+                    xc[block, idx] = -np.inf
+                    lr_block = _logsumexp_rows(xr)
+                    lc_block = _logsumexp_rows(xc)
+                    lr = lr_block if start == 0 else np.logaddexp(lr, lr_block)
+                    lc = lc_block if start == 0 else np.logaddexp(lc, lc_block)
+                rows.append(lr)
+                cols.append(lc)
+            self._diag = self._own_loss(rows, cols)
+        return self._diag
+
+    def initial(self) -> np.ndarray:
+        self._lse_rows = [np.full(self._b, -np.inf) for _ in self._towers]
+        self._lse_cols = [np.full(self._b, -np.inf) for _ in self._towers]
+        return self.diagonal().copy()
+
+    def update(self, chunk: np.ndarray) -> np.ndarray:
+        """Fold the new chunk into each candidate's running log-sum-exps; return ell_i(S)."""
+        for m, (_, t) in enumerate(self._towers):
+            self._lse_rows[m] = np.logaddexp(self._lse_rows[m], _logsumexp_rows(t.rows(chunk)))
+            self._lse_cols[m] = np.logaddexp(self._lse_cols[m], _logsumexp_rows(t.cols(chunk)))
+        return self._own_loss(self._lse_rows, self._lse_cols)
+
+
+ConditionalScores = PerExampleScores | SigmoidScores | SoftmaxScores
+
+_BY_KIND = {
+    "per_example": PerExampleScores,
+    "sigmoid_contrastive": SigmoidScores,
+    "softmax_contrastive": SoftmaxScores,
+}
+
+
+def conditional_scores(kind: str, learner, reference, score: str = "learnability") -> ConditionalScores:
+    """The conditional-score tracker for loss ``kind`` (one of LOSS_KINDS)."""
+    from jest_stream.scores import LOSS_KINDS
+
+    return _BY_KIND[check_name(kind, LOSS_KINDS, "kind")](learner, reference, score)

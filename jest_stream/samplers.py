@@ -1,0 +1,92 @@
+"""Samplers: one function per selection rule, each returning indices into the super-batch.
+
+- ``uniform``: b examples at random (the baseline, and the fallback when scoring fails).
+- ``topk``: the b highest per-example scores (RHO-LOSS's rule, "independent selection").
+- ``joint``: JEST's blocked sampling. Chunk 1 draws b/N examples without replacement
+  with probability proportional to exp(gain * c_i) over the diagonal scores; each next
+  chunk redraws from the candidates' scores conditioned on everything selected so far.
+  "Without replacement, proportional to exp" is exactly Gumbel-top-k.
+
+Randomness comes from one numpy Generator, in a fixed order (one ``gumbel(size=B)`` per
+chunk), so the same inputs and seed give the same indices on every machine.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from jest_stream.conditional import ConditionalScores
+
+SAMPLERS: tuple[str, ...] = ("joint", "topk", "uniform")
+DEFAULT_N_CHUNKS = 16
+
+
+def check_sizes(batch_size: int, n_select: int) -> None:
+    """Raise ValueError unless 1 <= n_select <= batch_size."""
+    if isinstance(n_select, bool) or not isinstance(n_select, (int, np.integer)):
+        raise ValueError(f"n_select: expected an integer, got {type(n_select).__name__}")
+    if not 1 <= n_select <= batch_size:
+        raise ValueError(
+            f"n_select: must be between 1 and the super-batch size B={batch_size}, got {n_select}"
+        )
+
+
+def chunk_sizes(n_select: int, n_chunks: int) -> list[int]:
+    """Split b into N chunks of b // N; the remainder goes into the last chunk.
+
+    With more chunks than examples, every chunk holds one example.
+    """
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, (int, np.integer)) or n_chunks < 1:
+        raise ValueError(f"n_chunks: expected an integer >= 1, got {n_chunks!r}")
+    n = min(int(n_chunks), n_select)
+    base = n_select // n
+    return [base] * (n - 1) + [n_select - base * (n - 1)]
+
+
+def uniform(batch_size: int, n_select: int, rng: np.random.Generator) -> np.ndarray:
+    """b distinct indices drawn uniformly at random."""
+    check_sizes(batch_size, n_select)
+    return rng.choice(batch_size, size=n_select, replace=False).astype(np.int64)
+
+
+def topk(scores: np.ndarray, n_select: int) -> np.ndarray:
+    """The indices of the b highest scores, highest first (ties: lower index first)."""
+    check_sizes(scores.shape[0], n_select)
+    return np.argsort(-scores, kind="stable")[:n_select].astype(np.int64)
+
+
+def gumbel_topk(logits: np.ndarray, k: int, rng: np.random.Generator,
+                taken: np.ndarray | None = None) -> np.ndarray:
+    """Sample k indices without replacement with probability proportional to exp(logits).
+
+    Indices where ``taken`` is True are never drawn. Returned in draw order.
+    """
+    perturbed = logits + rng.gumbel(size=logits.shape[0])
+    if taken is not None:
+        perturbed[taken] = -np.inf
+    if k < perturbed.shape[0]:
+        top = np.argpartition(-perturbed, k - 1)[:k]
+    else:
+        top = np.arange(perturbed.shape[0])
+    return top[np.argsort(-perturbed[top], kind="stable")].astype(np.int64)
+
+
+def joint(scores: ConditionalScores, n_select: int, rng: np.random.Generator,
+          n_chunks: int = DEFAULT_N_CHUNKS, score_gain: float = 1.0) -> np.ndarray:
+    """JEST's joint selection of b examples in N chunks from conditional scores.
+
+    ``scores`` keeps c_i as a running vector: ``initial()`` before the first chunk and
+    ``update(chunk)`` after each one (never after the last).
+    """
+    b = scores.batch_size
+    check_sizes(b, n_select)
+    sizes = chunk_sizes(n_select, n_chunks)
+    taken = np.zeros(b, dtype=bool)
+    picked: list[np.ndarray] = []
+    c = scores.initial()
+    for step, size in enumerate(sizes):
+        chunk = gumbel_topk(score_gain * c, size, rng, taken)
+        taken[chunk] = True
+        picked.append(chunk)
+        if step + 1 < len(sizes):
+            c = scores.update(chunk)
+    return np.concatenate(picked)

@@ -1,0 +1,26 @@
+"""Regenerate the committed gRPC stubs in jest_stream/v1/ from protos/.
+
+Run after editing a .proto: ``python protos/generate.py``. The test suite checks
+that the committed stubs match what this produces, so they never drift.
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+PROTO_ROOT = pathlib.Path(__file__).resolve().parent
+PROTOS = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+
+
+def generate(out_dir: pathlib.Path) -> None:
+    """Write scorer_pb2.py, .pyi and scorer_pb2_grpc.py under ``out_dir/jest_stream/v1``."""
+    from grpc_tools import protoc  # build/dev-time dependency only
+
+    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
+            f"--grpc_python_out={out_dir}", *PROTOS]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed on {PROTOS}")
+
+
+if __name__ == "__main__":
+    generate(PROTO_ROOT.parent if len(sys.argv) < 2 else pathlib.Path(sys.argv[1]))
