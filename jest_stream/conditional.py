@@ -8,7 +8,7 @@ a running vector and updates it from the newest chunk only:
 - ``SigmoidScores``: c_i = S_ii + sum_{k in S} (S_ik + S_ki), with
   S_ij = sum_m w_m * nll_m(i, j) and nll(i, j) = -log sigmoid(y_ij * (a * zi_i . zt_j + b)).
   Only the rows and columns of S for the new chunk are computed, from the embeddings
-  (B x |C| x d matmuls): O(B * b) work and memory, never a B x B matrix.
+  (B x |C| x d matmuls): O(B * b) work, O(B * |C|) memory, never a B x B matrix.
 - ``SoftmaxScores``: CLIP's loss does not decompose into pairs, so the candidate's own
   loss is recomputed against the selected set: ell_i(S) = mean of the image->text and
   text->image cross-entropies of i within S + {i}. Running log-sum-exps over S keep this
@@ -26,10 +26,12 @@ import numpy as np
 
 from jest_stream.scores import SCORE_WEIGHTS, Embeddings, Losses, check_name, SCORES
 
-# softplus(x) = log(1 + e^x) is computed as x itself above this (error < 1e-13).
-_SOFTPLUS_LINEAR = 30.0
+# softplus(x) = log(1 + e^x) is taken as x - L + softplus(L) above L (error < e^-L = 2e-9).
+_SOFTPLUS_LINEAR = 20.0
+# Factors (1 + e^x) <= 1 + e^L are multiplied in groups of 2**levels before one log:
+# (1 + e^20)^4 < e^81 stays inside float32, and a quarter of the logs are left.
+_GROUP_LEVELS = 2
 _ROW_BLOCK = 4096
-
 _N_THREADS = max(1, min(8, os.cpu_count() or 1))
 _pool: ThreadPoolExecutor | None = None
 
@@ -42,30 +44,44 @@ def _threads() -> ThreadPoolExecutor:
     return _pool
 
 
-def _softplus_rowsum_inplace(x: np.ndarray) -> np.ndarray:
-    """Row sums of softplus(x) for a (rows, k) float32 block; overwrites ``x``."""
-    over = float(x.max(initial=-np.inf)) > _SOFTPLUS_LINEAR
-    if over:
-        excess = np.maximum(x - _SOFTPLUS_LINEAR, 0.0).sum(axis=1, dtype=np.float64)
-        np.minimum(x, _SOFTPLUS_LINEAR, out=x)
+def _softplus_rowsum_block(x: np.ndarray, shift: float) -> np.ndarray:
+    """Row sums of softplus(x + shift) for one (rows, k) float32 block; overwrites ``x``."""
+    limit = _SOFTPLUS_LINEAR - shift
+    excess = None
+    if float(x.max(initial=-np.inf)) > limit:
+        excess = np.maximum(x - limit, 0.0).sum(axis=1, dtype=np.float64)
+        np.minimum(x, limit, out=x)
     np.exp(x, out=x)
+    if shift:
+        x *= np.float32(np.exp(shift))
     x += 1.0
-    np.log(x, out=x)
-    sums = x.sum(axis=1, dtype=np.float64)
-    return sums + excess if over else sums
+    k = x.shape[1]
+    for _ in range(_GROUP_LEVELS):
+        if k < 2:
+            break
+        half = k // 2
+        x[:, :half] *= x[:, half:2 * half]
+        if k % 2:  # the odd column out joins the next level unpaired
+            x[:, half] = x[:, k - 1]
+        k = half + k % 2
+    head = x[:, :k]
+    np.log(head, out=head)
+    sums = head.sum(axis=1, dtype=np.float64)
+    return sums if excess is None else sums + excess
 
 
-def softplus_rowsum(x: np.ndarray) -> np.ndarray:
-    """Row sums of softplus(x) = -log sigmoid(-x) for a 2-D float32 array; overwrites ``x``.
+def softplus_rowsum(x: np.ndarray, shift: float = 0.0) -> np.ndarray:
+    """Row sums of softplus(x + shift) = -log sigmoid(-(x + shift)) for a 2-D float32
+    array; overwrites ``x``.
 
     Large arrays are split in row blocks across threads (the elementwise pass is the
     part of the joint sampler that BLAS does not already parallelise).
     """
     rows = x.shape[0]
-    if rows < 512 or _N_THREADS < 2 or x.size < 1 << 16:
-        return _softplus_rowsum_inplace(x)
+    if rows < 1024 or _N_THREADS < 2 or x.size < 1 << 17:
+        return _softplus_rowsum_block(x, shift)
     bounds = np.linspace(0, rows, _N_THREADS + 1, dtype=int)
-    parts = list(_threads().map(lambda ab: _softplus_rowsum_inplace(x[ab[0]:ab[1]]),
+    parts = list(_threads().map(lambda ab: _softplus_rowsum_block(x[ab[0]:ab[1]], shift),
                                 zip(bounds[:-1], bounds[1:])))
     return np.concatenate(parts)
 
@@ -101,30 +117,22 @@ class PerExampleScores:
 
 
 class _Tower:
-    """One model's contrastive embeddings, with scale and bias folded in once."""
+    """One model's contrastive embeddings, with the logit scale folded in once."""
 
     def __init__(self, emb: Embeddings, with_bias: bool):
-        zi, zt = emb.image, emb.text
         self.scale = emb.logit_scale
         self.bias = emb.logit_bias if with_bias else 0.0
-        # Fold the bias into one extra column so that a matmul yields a*zi.zt + b directly.
-        b, n = zi.shape[0], zi.shape[1]
-        self.zi = np.empty((b, n + 1), dtype=np.float32)
-        self.zi[:, :n] = zi
-        self.zi[:, :n] *= np.float32(self.scale)
-        self.zi[:, n] = np.float32(self.bias)
-        self.zt = np.empty((b, n + 1), dtype=np.float32)
-        self.zt[:, :n] = zt
-        self.zt[:, n] = 1.0
-        # Positive-pair logits x_ii.
-        self.diag = np.einsum("ij,ij->i", self.zi, self.zt, dtype=np.float64)
+        self.zi = emb.image * np.float32(self.scale)
+        self.zt = emb.text
+        # Positive-pair logits x_ii = a * zi_i . zt_i + b.
+        self.diag = np.einsum("ij,ij->i", self.zi, self.zt, dtype=np.float64) + self.bias
 
     def rows(self, chunk: np.ndarray) -> np.ndarray:
-        """x[i, k] = a * zi_i . zt_k + b for all i and k in chunk: (B, |C|)."""
+        """x[i, k] - b = a * zi_i . zt_k for all i and k in chunk: (B, |C|), bias not added."""
         return self.zi @ self.zt[chunk].T
 
     def cols(self, chunk: np.ndarray) -> np.ndarray:
-        """x[k, i] for all i and k in chunk, laid out as (B, |C|)."""
+        """x[k, i] - b for all i and k in chunk, laid out as (B, |C|), bias not added."""
         return self.zt @ self.zi[chunk].T
 
 
@@ -165,8 +173,8 @@ class SigmoidScores:
     def update(self, chunk: np.ndarray) -> np.ndarray:
         """c_i += sum_{k in chunk} (S_ik + S_ki) for every i (off-diagonal: y = -1)."""
         for w, t in self._towers:
-            self._c += w * softplus_rowsum(t.rows(chunk))
-            self._c += w * softplus_rowsum(t.cols(chunk))
+            self._c += w * softplus_rowsum(t.rows(chunk), t.bias)
+            self._c += w * softplus_rowsum(t.cols(chunk), t.bias)
         return self._c
 
 
