@@ -19,9 +19,6 @@ The weights w_m come from the score rule (learnability = learner - reference).
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from jest_stream.scores import SCORE_WEIGHTS, Embeddings, Losses, check_name, SCORES
@@ -32,58 +29,38 @@ _SOFTPLUS_LINEAR = 20.0
 # (1 + e^20)^4 < e^81 stays inside float32, and a quarter of the logs are left.
 _GROUP_LEVELS = 2
 _ROW_BLOCK = 4096
-_N_THREADS = max(1, min(8, os.cpu_count() or 1))
-_pool: ThreadPoolExecutor | None = None
 
 
-def _threads() -> ThreadPoolExecutor:
-    """A small shared pool: numpy's ufuncs release the GIL, so row blocks run in parallel."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_N_THREADS, thread_name_prefix="jest-softplus")
-    return _pool
+def softplus_colsum(x: np.ndarray, shift: float = 0.0) -> np.ndarray:
+    """Column sums of softplus(x + shift) = -log sigmoid(-(x + shift)) for a (k, B)
+    float32 array, exact to ~1e-7 relative; overwrites ``x``.
 
-
-def _softplus_rowsum_block(x: np.ndarray, shift: float) -> np.ndarray:
-    """Row sums of softplus(x + shift) for one (rows, k) float32 block; overwrites ``x``."""
+    Laid out (k, B) so that every pass runs over contiguous rows of length B. One
+    thread on purpose: BLAS worker threads keep spinning right after each matmul, and
+    splitting this pass across threads measured slower.
+    """
     limit = _SOFTPLUS_LINEAR - shift
     excess = None
     if float(x.max(initial=-np.inf)) > limit:
-        excess = np.maximum(x - limit, 0.0).sum(axis=1, dtype=np.float64)
+        excess = np.maximum(x - limit, 0.0).sum(axis=0, dtype=np.float64)
         np.minimum(x, limit, out=x)
     np.exp(x, out=x)
     if shift:
         x *= np.float32(np.exp(shift))
     x += 1.0
-    k = x.shape[1]
+    k = x.shape[0]
     for _ in range(_GROUP_LEVELS):
         if k < 2:
             break
         half = k // 2
-        x[:, :half] *= x[:, half:2 * half]
-        if k % 2:  # the odd column out joins the next level unpaired
-            x[:, half] = x[:, k - 1]
+        x[:half] *= x[half:2 * half]
+        if k % 2:  # the odd row out joins the next level unpaired
+            x[half] = x[k - 1]
         k = half + k % 2
-    head = x[:, :k]
+    head = x[:k]
     np.log(head, out=head)
-    sums = head.sum(axis=1, dtype=np.float64)
+    sums = head.sum(axis=0, dtype=np.float64)
     return sums if excess is None else sums + excess
-
-
-def softplus_rowsum(x: np.ndarray, shift: float = 0.0) -> np.ndarray:
-    """Row sums of softplus(x + shift) = -log sigmoid(-(x + shift)) for a 2-D float32
-    array; overwrites ``x``.
-
-    Large arrays are split in row blocks across threads (the elementwise pass is the
-    part of the joint sampler that BLAS does not already parallelise).
-    """
-    rows = x.shape[0]
-    if rows < 1024 or _N_THREADS < 2 or x.size < 1 << 17:
-        return _softplus_rowsum_block(x, shift)
-    bounds = np.linspace(0, rows, _N_THREADS + 1, dtype=int)
-    parts = list(_threads().map(lambda ab: _softplus_rowsum_block(x[ab[0]:ab[1]], shift),
-                                zip(bounds[:-1], bounds[1:])))
-    return np.concatenate(parts)
 
 
 def _weights(score: str) -> tuple[float, float]:
@@ -128,12 +105,12 @@ class _Tower:
         self.diag = np.einsum("ij,ij->i", self.zi, self.zt, dtype=np.float64) + self.bias
 
     def rows(self, chunk: np.ndarray) -> np.ndarray:
-        """x[i, k] - b = a * zi_i . zt_k for all i and k in chunk: (B, |C|), bias not added."""
-        return self.zi @ self.zt[chunk].T
+        """x[i, k] - b = a * zi_i . zt_k for every i and each k in chunk, as (|C|, B)."""
+        return self.zt[chunk] @ self.zi.T
 
     def cols(self, chunk: np.ndarray) -> np.ndarray:
-        """x[k, i] - b for all i and k in chunk, laid out as (B, |C|), bias not added."""
-        return self.zt @ self.zi[chunk].T
+        """x[k, i] - b = a * zi_k . zt_i for every i and each k in chunk, as (|C|, B)."""
+        return self.zi[chunk] @ self.zt.T
 
 
 def _towers(learner: Embeddings | None, reference: Embeddings | None, score: str, with_bias: bool):
@@ -173,18 +150,19 @@ class SigmoidScores:
     def update(self, chunk: np.ndarray) -> np.ndarray:
         """c_i += sum_{k in chunk} (S_ik + S_ki) for every i (off-diagonal: y = -1)."""
         for w, t in self._towers:
-            self._c += w * softplus_rowsum(t.rows(chunk), t.bias)
-            self._c += w * softplus_rowsum(t.cols(chunk), t.bias)
+            self._c += w * softplus_colsum(t.rows(chunk), t.bias)
+            self._c += w * softplus_colsum(t.cols(chunk), t.bias)
         return self._c
 
 
-def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
-    """Row-wise log-sum-exp of a 2-D array, stable, in float64; overwrites ``x``."""
-    m = x.max(axis=1, keepdims=True)
-    m[~np.isfinite(m)] = 0.0  # a row of -inf only (empty context) sums to -inf, not NaN
+def _logsumexp_cols(x: np.ndarray) -> np.ndarray:
+    """Column-wise log-sum-exp of a (k, B) array, stable, in float64; overwrites ``x``."""
+    m = x.max(axis=0, keepdims=True)
+    m[~np.isfinite(m)] = 0.0  # a column of -inf only (empty context) sums to -inf, not NaN
     np.subtract(x, m, out=x)
     np.exp(x, out=x)
-    return np.log(x.sum(axis=1, dtype=np.float64)) + m[:, 0].astype(np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log(x.sum(axis=0, dtype=np.float64)) + m[0].astype(np.float64)
 
 
 class SoftmaxScores:
@@ -222,13 +200,13 @@ class SoftmaxScores:
                 for start in range(0, self._b, _ROW_BLOCK):
                     block = everyone[start:start + _ROW_BLOCK]
                     # Context = all others; x_ii is added back by _own_loss, so mask it out.
-                    xr = t.rows(block)  # (B, |block|): x[i, k]
+                    xr = t.rows(block)  # (|block|, B): x[i, k] at [k - start, i]
                     xc = t.cols(block)
                     idx = block - start
-                    xr[block, idx] = -np.inf
-                    xc[block, idx] = -np.inf
-                    lr_block = _logsumexp_rows(xr)
-                    lc_block = _logsumexp_rows(xc)
+                    xr[idx, block] = -np.inf
+                    xc[idx, block] = -np.inf
+                    lr_block = _logsumexp_cols(xr)
+                    lc_block = _logsumexp_cols(xc)
                     lr = lr_block if start == 0 else np.logaddexp(lr, lr_block)
                     lc = lc_block if start == 0 else np.logaddexp(lc, lc_block)
                 rows.append(lr)
@@ -244,8 +222,8 @@ class SoftmaxScores:
     def update(self, chunk: np.ndarray) -> np.ndarray:
         """Fold the new chunk into each candidate's running log-sum-exps; return ell_i(S)."""
         for m, (_, t) in enumerate(self._towers):
-            self._lse_rows[m] = np.logaddexp(self._lse_rows[m], _logsumexp_rows(t.rows(chunk)))
-            self._lse_cols[m] = np.logaddexp(self._lse_cols[m], _logsumexp_rows(t.cols(chunk)))
+            self._lse_rows[m] = np.logaddexp(self._lse_rows[m], _logsumexp_cols(t.rows(chunk)))
+            self._lse_cols[m] = np.logaddexp(self._lse_cols[m], _logsumexp_cols(t.cols(chunk)))
         return self._own_loss(self._lse_rows, self._lse_cols)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jest_stream import Embeddings, Losses, chunk_sizes, gumbel_topk, joint, select, topk
-from jest_stream.conditional import softplus_rowsum
+from jest_stream.conditional import softplus_colsum
 
 B = 256
 D = 16
@@ -300,12 +300,12 @@ def test_chunk_sizes_put_the_remainder_last():
     assert sum(chunk_sizes(819, 16)) == 819
 
 
-def test_softplus_rowsum_is_exact_including_large_logits():
+def test_softplus_colsum_is_exact_including_large_logits():
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal((3000, 37)) * 30).astype(np.float32)
+    x = (rng.standard_normal((37, 3000)) * 30).astype(np.float32)
     for shift in (0.0, -5.0, 7.0):
-        expected = np.logaddexp(0.0, x.astype(np.float64) + shift).sum(axis=1)
-        got = softplus_rowsum(x.copy(), shift)
+        expected = np.logaddexp(0.0, x.astype(np.float64) + shift).sum(axis=0)
+        got = softplus_colsum(x.copy(), shift)
         np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-4)
 
 
