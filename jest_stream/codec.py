@@ -30,15 +30,19 @@ class TensorDecodeError(ValueError):
     """A proto Tensor whose dtype, shape or byte length is not valid."""
 
 
+def dtype_code(dtype: np.dtype | str | type, field: str = "array") -> int:
+    """The proto DataType of a numpy dtype (any byte order); ValueError if it cannot travel."""
+    dt = np.dtype(dtype)
+    code = _TO_PROTO.get(np.dtype(dt.type))
+    if code is None:
+        raise ValueError(f"{field}: dtype {dt} cannot travel; use one of {', '.join(SUPPORTED_DTYPES)}")
+    return code
+
+
 def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
     """Encode ``array`` as a proto Tensor (into ``out`` if given, e.g. a map entry)."""
     arr = np.asarray(array)
-    dt = arr.dtype.newbyteorder("=") if arr.dtype.byteorder not in ("=", "|") else arr.dtype
-    code = _TO_PROTO.get(np.dtype(dt.type) if dt.kind != "b" else np.dtype(np.bool_))
-    if code is None:
-        raise ValueError(
-            f"array: dtype {arr.dtype} cannot travel; use one of {', '.join(SUPPORTED_DTYPES)}"
-        )
+    code = dtype_code(arr.dtype)
     little = arr.astype(_FROM_PROTO[code], copy=False)
     tensor = out if out is not None else pb.Tensor()
     tensor.dtype = code

@@ -1,0 +1,130 @@
+"""Export a torch reference model to ONNX with the jest-stream contract in its metadata.
+
+``per_example`` models are exported together with their loss: the graph takes the
+model's inputs plus the labels (the last input) and outputs ``loss``, one value per
+example. Contrastive models output ``image_embeds`` and ``text_embeds``; their logit
+scale and bias go into the metadata. The batch axis is dynamic, and the file is checked
+by running it in ONNX Runtime against torch on the example input.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from jest_stream.contract import OUTPUTS_BY_KIND, ModelContract
+from jest_stream.scores import LOSS_KINDS, check_name
+
+log = logging.getLogger(__name__)
+
+
+class _WithLoss(torch.nn.Module):
+    """model + per-example loss: (*model inputs, labels) -> loss (B,)."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model(*inputs[:-1]), inputs[-1]).reshape(-1)
+
+
+class _Towers(torch.nn.Module):
+    """A two-tower model whose forward returns (image_embeds, text_embeds)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor):
+        zi, zt = self.model(*inputs)[:2]
+        return zi, zt
+
+
+def _as_float(value, field: str) -> float:
+    if value is None:
+        raise ValueError(f"{field}: contrastive models need it (alpha = exp(log scale) as a number)")
+    value = float(value.detach().reshape(()) if isinstance(value, torch.Tensor) else value)
+    if not np.isfinite(value):
+        raise ValueError(f"{field}: must be finite, got {value}")
+    return value
+
+
+def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str | os.PathLike, *,
+                     example_inputs: Sequence[torch.Tensor], input_names: Sequence[str], kind: str,
+                     logit_scale: float | torch.Tensor | None = None,
+                     logit_bias: float | torch.Tensor | None = 0.0,
+                     input_meanings: Mapping[str, str] | None = None, opset: int = 17,
+                     check: bool = True) -> ModelContract:
+    """Write ``model`` (+ ``loss_fn`` for per_example) to ``path`` as a reference model.
+
+    ``example_inputs`` are tensors in the order of ``input_names`` (for per_example, the
+    labels last); ``loss_fn(outputs, labels)`` must return one loss per example
+    (e.g. ``torch.nn.CrossEntropyLoss(reduction="none")``). Returns the contract written.
+    """
+    check_name(kind, LOSS_KINDS, "kind")
+    example_inputs = tuple(example_inputs)
+    input_names = tuple(input_names)
+    if len(example_inputs) != len(input_names):
+        raise ValueError(f"input_names: {len(input_names)} names for {len(example_inputs)} example inputs")
+    if kind == "per_example":
+        if loss_fn is None:
+            raise ValueError("loss_fn: per_example models are exported with their per-example loss, "
+                             "e.g. torch.nn.CrossEntropyLoss(reduction='none')")
+        if len(example_inputs) < 2:
+            raise ValueError("example_inputs: per_example models take the model inputs and then the labels")
+        wrapped: torch.nn.Module = _WithLoss(model, loss_fn)
+        scale, bias = 1.0, 0.0
+    else:
+        if loss_fn is not None:
+            raise ValueError("loss_fn: contrastive models output embeddings; pass loss_fn=None")
+        wrapped = _Towers(model)
+        scale, bias = _as_float(logit_scale, "logit_scale"), _as_float(logit_bias or 0.0, "logit_bias")
+    outputs = OUTPUTS_BY_KIND[kind]
+    meanings = dict(input_meanings or {})
+    for i, name in enumerate(input_names):
+        default = "labels" if kind == "per_example" and i == len(input_names) - 1 else "model input"
+        meanings.setdefault(name, default)
+    contract = ModelContract(kind, {n: meanings[n] for n in input_names}, outputs, scale, bias)
+
+    path = os.fspath(path)
+    wrapped.eval()
+    dynamic = {name: {0: "batch"} for name in (*input_names, *outputs)}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(wrapped, example_inputs, path, input_names=list(input_names),
+                          output_names=list(outputs), dynamic_axes=dynamic, opset_version=opset,
+                          dynamo=False)
+    import onnx
+
+    proto = onnx.load(path)
+    del proto.metadata_props[:]
+    for key, value in contract.to_metadata().items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, path)
+    if check:
+        _check_against_torch(wrapped, example_inputs, input_names, outputs, path)
+    log.info("exported %s reference model to %s", kind, path)
+    return contract
+
+
+def _check_against_torch(wrapped: torch.nn.Module, example_inputs, input_names, outputs, path: str) -> None:
+    """Run the file in ONNX Runtime and torch on the same input; raise if they differ."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(input_names, example_inputs)}
+    got = session.run(list(outputs), feed)
+    with torch.no_grad():
+        want = wrapped(*example_inputs)
+    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    for name, g, w in zip(outputs, got, want):
+        w = w.detach().cpu().numpy()
+        if g.shape != w.shape or not np.allclose(g, w, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"export check: output {name!r} of {path} differs between ONNX Runtime "
+                               f"and torch (max abs diff {np.abs(g - w).max() if g.shape == w.shape else 'shape'})")

@@ -1,0 +1,150 @@
+"""The reference cache FILE: precomputed reference outputs the server loads at start.
+
+Format: a stream of msgpack maps, appended one after another.
+
+1. a header ``{"format": "jest-stream-cache", "format_version": 1, "model_version": V}``
+   where V is ``jest_stream.contract.model_version`` of the ONNX file;
+2. one record per sample ``{"k": key, "o": {output_name: [dtype, shape, raw bytes]}}``
+   with the outputs of that one sample (no batch axis), raw little-endian row-major bytes.
+
+Appending keeps writing cheap and resumable: an interrupted writer leaves at worst a
+truncated last record, which the reader ignores and a resuming writer cuts off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from typing import BinaryIO
+
+import msgpack
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT = "jest-stream-cache"
+FORMAT_VERSION = 1
+
+
+class CacheFileError(ValueError):
+    """A cache file that is not one, or belongs to another model version."""
+
+
+def _encode_outputs(outputs: Mapping[str, np.ndarray]) -> dict:
+    out = {}
+    for name, value in outputs.items():
+        arr = np.ascontiguousarray(value)
+        little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        out[name] = [little.dtype.str, list(arr.shape), little.tobytes()]
+    return out
+
+
+def _decode_outputs(raw: Mapping) -> dict[str, np.ndarray]:
+    return {name: np.frombuffer(data, dtype=np.dtype(dt)).reshape(shape)
+            for name, (dt, shape, data) in raw.items()}
+
+
+def _scan(fh: BinaryIO, path: str) -> Iterator[tuple[int, dict]]:
+    """Yield (end offset, record) for every complete record; stop at a truncated tail."""
+    unpacker = msgpack.Unpacker(fh, raw=False, max_buffer_size=1 << 30)
+    while True:
+        try:
+            record = unpacker.unpack()
+        except msgpack.OutOfData:
+            return
+        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
+            log.warning("%s: stopping at a corrupt record (%s)", path, exc)
+            return
+        yield unpacker.tell(), record
+
+
+def _check_header(record: object, path: str) -> str:
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CacheFileError(f"{path}: not a jest-stream cache file (no {FORMAT!r} header); "
+                             "write one with `jest-stream precompute`")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise CacheFileError(f"{path}: format_version {record.get('format_version')} is not supported; "
+                             f"expected {FORMAT_VERSION}")
+    return str(record["model_version"])
+
+
+def read_cache_file(path: str | os.PathLike) -> tuple[str, Iterator[tuple[str, dict[str, np.ndarray]]]]:
+    """Open a cache file: its model version and an iterator of (key, outputs)."""
+    path = os.fspath(path)
+    fh = open(path, "rb")
+    scan = _scan(fh, path)
+    try:
+        _, header = next(scan)
+    except StopIteration:
+        fh.close()
+        raise CacheFileError(f"{path}: empty file; expected a {FORMAT!r} header") from None
+    try:
+        version = _check_header(header, path)
+    except CacheFileError:
+        fh.close()
+        raise
+
+    def records() -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        with fh:
+            for _, rec in scan:
+                yield rec["k"], _decode_outputs(rec["o"])
+
+    return version, records()
+
+
+class CacheFileWriter:
+    """Append reference outputs to a cache file; with ``resume`` (default), an existing
+    file of the same model version is kept and its keys are known (``keys``)."""
+
+    def __init__(self, path: str | os.PathLike, model_version: str, *, resume: bool = True):
+        self.path = os.fspath(path)
+        self.model_version = model_version
+        self.keys: set[str] = set()
+        good_end = 0
+        if resume and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            with open(self.path, "rb") as fh:
+                scan = _scan(fh, self.path)
+                first = next(scan, None)
+                if first is None:
+                    good_end = 0
+                else:
+                    version = _check_header(first[1], self.path)
+                    if version != model_version:
+                        raise CacheFileError(
+                            f"{self.path}: holds model version {version}, not {model_version}; "
+                            "use another --out or delete the file")
+                    good_end = first[0]
+                    for end, rec in scan:
+                        self.keys.add(rec["k"])
+                        good_end = end
+        self._fh = open(self.path, "r+b" if good_end else "wb")
+        if good_end:
+            self._fh.truncate(good_end)  # drop a record cut short by an interruption
+            self._fh.seek(good_end)
+        else:
+            self._fh.write(msgpack.packb({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                          "model_version": model_version}))
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    def add(self, key: str, outputs: Mapping[str, np.ndarray]) -> bool:
+        """Append one sample's outputs (no batch axis); False if the key is already there."""
+        if key in self.keys:
+            return False
+        self._fh.write(self._packer.pack({"k": key, "o": _encode_outputs(outputs)}))
+        self.keys.add(key)
+        return True
+
+    def flush(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self.flush()
+            self._fh.close()
+
+    def __enter__(self) -> CacheFileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,141 @@
+"""Build and run the scoring server: grpc.aio on uvloop, health, reflection, metrics,
+auth, TLS, and a SIGTERM drain."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jest_stream.v1 import scorer_pb2, scorer_pb2_grpc
+
+from .batcher import Batcher
+from .engine import ScoringEngine
+from .interceptors import BearerTokenInterceptor, MetricsInterceptor
+from .metrics import Metrics
+from .servicer import ScorerServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``jest-stream serve`` takes (see server/cli.py for the flags)."""
+
+    models: Mapping[str, str]
+    host: str = "0.0.0.0"
+    port: int = 50051
+    cache_bytes: int = 1 << 30
+    cache_files: list[str] = field(default_factory=list)
+    token: str | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    max_message_bytes: int = 256 << 20
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    workers: int = 16
+    max_batch: int = 8192
+    max_delay_ms: float = 2.0
+    max_queue_rows: int = 262144
+    grace_s: float = 30.0
+
+
+class ScoringServer:
+    """A running scorer: ``await start()``, ``await wait()``; ``await stop()`` drains."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.engine: ScoringEngine | None = None
+        self._stopping: asyncio.Task | None = None
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Bind the port (serving health NOT_SERVING), load the models, then go SERVING."""
+        c = self.config
+        interceptors = [MetricsInterceptor(self.metrics)]
+        if c.token:
+            interceptors.insert(0, BearerTokenInterceptor(c.token))
+        options = [("grpc.max_receive_message_length", c.max_message_bytes),
+                   ("grpc.max_send_message_length", c.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.servicer = ScorerServicer(self.metrics, c.workers)
+        scorer_pb2_grpc.add_ScorerServicer_to_server(self.servicer, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert and c.tls_key:
+            creds = grpc.ssl_server_credentials([(c.tls_key, c.tls_cert)])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"--port: cannot bind {address}")
+        await self.server.start()
+        log.info("listening on %s:%d (%s), loading %d model(s)", c.host, self.port,
+                 "TLS" if c.tls_cert else "plaintext", len(c.models))
+        loop = asyncio.get_running_loop()
+        self.engine = await loop.run_in_executor(None, lambda: ScoringEngine(
+            c.models, cache_bytes=c.cache_bytes, cache_file=c.cache_files or None,
+            intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads))
+        batcher = Batcher(self.engine.models, self.metrics, max_batch=c.max_batch,
+                          max_delay=c.max_delay_ms / 1000, max_queue_rows=c.max_queue_rows)
+        batcher.start()
+        self.batcher = batcher
+        self.servicer.attach(self.engine, batcher)
+        if c.metrics_port is not None:
+            self.metrics.serve(c.metrics_port, c.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", c.metrics_host, c.metrics_port)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("SERVING models %s", ", ".join(f"{n} ({m.contract.kind}, {m.version})"
+                                                 for n, m in self.engine.models.items()))
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Go NOT_SERVING, refuse new calls, let in-flight calls finish (up to grace)."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(self.config.grace_s if grace is None else grace))
+        await self._stopping
+
+    async def _stop(self, grace: float) -> None:
+        log.info("draining (grace %.0fs)", grace)
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if getattr(self, "batcher", None) is not None:
+            await self.batcher.stop()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight calls and return."""
+    server = ScoringServer(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    await server.start()
+    await server.wait()
+    await server.stop()

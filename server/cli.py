@@ -1,0 +1,112 @@
+"""``jest-stream serve``: flags, each also settable as an environment variable JEST_<FLAG>
+(e.g. JEST_PORT=50051, JEST_MODEL="ref=/models/ref.onnx,clip=/models/clip.onnx")."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .app import ServerConfig, serve
+
+log = logging.getLogger(__name__)
+
+
+def _env(flag: str) -> str:
+    return "JEST_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _model(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--model: expected NAME=PATH, got {value!r}")
+    return name, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jest-stream serve", description=__doc__)
+
+    def add(flag: str, help_: str, **kw):
+        env = _env(flag)
+        default = kw.pop("default", None)
+        if env in os.environ:
+            raw = os.environ[env]
+            if kw.get("action") == "append":
+                default = [kw["type"](v) for v in raw.split(",") if v] if "type" in kw else raw.split(",")
+            elif kw.get("action") == "store_true":
+                default = raw.lower() in ("1", "true", "yes", "on")
+            else:
+                default = kw.get("type", str)(raw)
+        p.add_argument(flag, default=default, help=f"{help_} [env {env}]", **kw)
+
+    add("--model", "reference model NAME=PATH (repeatable; env: comma-separated)", action="append", type=_model)
+    add("--host", "address to bind", default="0.0.0.0")
+    add("--port", "gRPC port (0 picks a free one)", type=int, default=50051)
+    add("--cache-bytes", "reference cache budget in bytes", type=int, default=1 << 30)
+    add("--cache-file", "precomputed reference cache file (repeatable)", action="append")
+    add("--token-file", "file holding the bearer token clients must send")
+    add("--tls-cert", "PEM certificate chain: serve TLS")
+    add("--tls-key", "PEM private key for --tls-cert")
+    add("--max-message-bytes", "largest request/response in bytes", type=int, default=256 << 20)
+    add("--metrics-port", "serve Prometheus metrics on this port", type=int)
+    add("--metrics-host", "address of the metrics endpoint", default="0.0.0.0")
+    add("--intra-op-threads", "ONNX Runtime intra-op threads (default: ORT's choice)", type=int)
+    add("--inter-op-threads", "ONNX Runtime inter-op threads", type=int)
+    add("--workers", "threads handling requests", type=int, default=16)
+    add("--max-batch", "most rows per reference inference batch", type=int, default=8192)
+    add("--max-delay-ms", "longest wait to fill an inference batch", type=float, default=2.0)
+    add("--max-queue-rows", "rows allowed to wait for inference before RESOURCE_EXHAUSTED", type=int,
+        default=262144)
+    add("--grace", "seconds in-flight calls get to finish after SIGTERM", type=float, default=30.0)
+    add("--log-level", "logging level", default="INFO")
+    return p
+
+
+def _read(path: str | None, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise SystemExit(f"{flag}: cannot read {path!r}: {exc.strerror}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Check the parsed flags and turn them into a ServerConfig."""
+    if not args.model:
+        raise SystemExit("--model: give at least one reference model as NAME=PATH (or JEST_MODEL)")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert/--tls-key: give both or neither")
+    token = _read(args.token_file, "--token-file")
+    token_str = token.decode().strip() if token is not None else None
+    if token is not None and not token_str:
+        raise SystemExit(f"--token-file: {args.token_file!r} is empty")
+    return ServerConfig(
+        models=dict(args.model), host=args.host, port=args.port, cache_bytes=args.cache_bytes,
+        cache_files=list(args.cache_file or []), token=token_str,
+        tls_cert=_read(args.tls_cert, "--tls-cert"), tls_key=_read(args.tls_key, "--tls-key"),
+        max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host, intra_op_threads=args.intra_op_threads,
+        inter_op_threads=args.inter_op_threads, workers=args.workers, max_batch=args.max_batch,
+        max_delay_ms=args.max_delay_ms, max_queue_rows=args.max_queue_rows, grace_s=args.grace)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    config = config_from_args(args)
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # e.g. Windows
+        runner = asyncio.run
+    runner(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

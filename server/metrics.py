@@ -1,0 +1,39 @@
+"""Prometheus metrics of the scorer, served on ``--metrics-port``."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """All the scorer's metrics in one registry (one per server, so tests can run several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.calls = Counter("jest_calls", "RPCs answered, by method, job and status code",
+                             ["method", "job", "code"], registry=r)
+        self.latency = Histogram("jest_call_seconds", "RPC latency, by method and job",
+                                 ["method", "job"], buckets=LATENCY_BUCKETS, registry=r)
+        self.examples = Counter("jest_examples", "Examples scored, by job", ["job"], registry=r)
+        self.cache_hits = Counter("jest_cache_hits", "Reference cache hits (examples)", ["model"], registry=r)
+        self.cache_misses = Counter("jest_cache_misses", "Reference cache misses (examples)", ["model"], registry=r)
+        self.cache_bytes = Gauge("jest_cache_bytes", "Bytes held by the reference cache", registry=r)
+        self.cache_entries = Gauge("jest_cache_entries", "Entries in the reference cache", registry=r)
+        self.batch_rows = Histogram("jest_batch_rows", "Rows per reference inference batch", ["model"],
+                                    buckets=(1, 16, 64, 256, 1024, 4096, 16384, 65536), registry=r)
+        self.queue_rows = Gauge("jest_queue_rows", "Rows waiting for reference inference", ["model"], registry=r)
+        self.rejected = Counter("jest_queue_rejected", "Requests refused because the queue was full",
+                                ["model"], registry=r)
+        self.inference = Histogram("jest_inference_seconds", "Seconds per reference inference batch",
+                                   ["model"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def serve(self, port: int, host: str = "0.0.0.0"):
+        """Start the /metrics HTTP endpoint in a background thread."""
+        return start_http_server(port, addr=host, registry=self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (for tests and benchmarks), 0 if absent."""
+        v = self.registry.get_sample_value(name, labels)
+        return 0.0 if v is None else v

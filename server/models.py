@@ -1,0 +1,126 @@
+"""Reference models: one ONNX Runtime session per model, checked against the contract.
+
+The CUDA provider (with IOBinding, so outputs land in host memory in one copy) is used
+when onnxruntime-gpu sees a GPU; otherwise the CPU provider.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from jest_stream.contract import ContractError, ModelContract, model_version
+
+log = logging.getLogger(__name__)
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype, shape (-1 for a dynamic axis)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def _spec(arg) -> TensorSpec:
+    dtype = _ORT_DTYPES.get(arg.type)
+    if dtype is None:
+        raise ContractError(f"input/output {arg.name!r}: type {arg.type} is not supported; "
+                            f"use one of {sorted(_ORT_DTYPES)}")
+    shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
+    return TensorSpec(arg.name, np.dtype(dtype), shape)
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, then CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class ReferenceModel:
+    """A frozen reference model in ONNX Runtime: load, check the contract, run on numpy."""
+
+    def __init__(self, name: str, path: str | os.PathLike, *, intra_op_threads: int | None = None,
+                 inter_op_threads: int | None = None, providers: Sequence[str] | None = None):
+        self.name = name
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"--model {name}={self.path}: no such file")
+        self.version = model_version(self.path)
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        if inter_op_threads:
+            options.inter_op_num_threads = inter_op_threads
+        self.providers = list(providers) if providers else default_providers()
+        try:
+            self.session = ort.InferenceSession(self.path, sess_options=options, providers=self.providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise ContractError(f"model {name!r} ({self.path}): ONNX Runtime cannot load it: {exc}") from exc
+        self.inputs = [_spec(a) for a in self.session.get_inputs()]
+        self.outputs = [_spec(a) for a in self.session.get_outputs()]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.contract = ModelContract.from_metadata(
+            meta, [s.name for s in self.inputs], [s.name for s in self.outputs],
+            source=f"model {name!r} ({self.path})")
+        for spec in self.inputs + self.outputs:
+            if not spec.shape or spec.shape[0] != -1:
+                raise ContractError(f"model {name!r}: {spec.name!r} has shape {list(spec.shape)}; "
+                                    "the first axis must be a dynamic batch axis")
+        self.use_iobinding = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        log.info("loaded model %s (%s, version %s) on %s", name, self.contract.kind, self.version,
+                 self.session.get_providers()[0])
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray], rows: int | None, field: str = "inputs") -> int:
+        """Check names, dtypes and shapes of a request's inputs; return the batch size.
+
+        Raises ValueError naming ``field[name]`` and what the model expects.
+        """
+        want = {s.name: s for s in self.inputs}
+        missing = sorted(set(want) - set(inputs))
+        extra = sorted(set(inputs) - set(want))
+        if missing or extra:
+            raise ValueError(f"{field}: model {self.name!r} takes inputs {sorted(want)}; "
+                             f"missing {missing}, unexpected {extra}")
+        batch = rows
+        for name, spec in want.items():
+            arr = inputs[name]
+            if arr.dtype != spec.dtype:
+                raise ValueError(f"{field}[{name!r}]: dtype {arr.dtype}, model {self.name!r} expects {spec.dtype}")
+            if arr.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(spec.shape, arr.shape)):
+                raise ValueError(f"{field}[{name!r}]: shape {list(arr.shape)}, model {self.name!r} expects "
+                                 f"{['B' if d == -1 else d for d in spec.shape]}")
+            if batch is None:
+                batch = arr.shape[0]
+            elif arr.shape[0] != batch:
+                raise ValueError(f"{field}[{name!r}]: {arr.shape[0]} rows, expected B={batch} "
+                                 "(one row per key / per learner score)")
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                raise ValueError(f"{field}[{name!r}]: holds NaN or inf")
+        return int(batch or 0)
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on a batch; returns the contract's outputs by name."""
+        names = list(self.contract.outputs)
+        if self.use_iobinding:
+            binding = self.session.io_binding()
+            for name, arr in inputs.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+            for name in names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            values = binding.copy_outputs_to_cpu()
+        else:
+            values = self.session.run(names, {k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        return dict(zip(names, values))

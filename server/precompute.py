@@ -1,0 +1,166 @@
+"""``jest-stream precompute``: fill a reference cache file from WebDataset shards, offline.
+
+Reference outputs never change (the model is frozen), so they can be computed once,
+ahead of training, and loaded by the server at start (``--cache-file``): the first
+epoch then costs no reference inference either. This command reads every sample of
+the shards, runs the reference model in batches in ONNX Runtime and appends
+(key -> outputs) records to the cache file, with a progress bar.
+
+Resumable: keys the file already holds (for this model version) are skipped, so an
+interrupted run is finished by running the same command again, without duplicates.
+
+Shards are read with the standard library's ``tarfile`` (WebDataset's own reader
+imports torch, which the scorer host does not have). A sample's members are
+``{key}.{field}.{ext}``; each model input is read from the member whose field is the
+input's name, decoded by extension (``npy``, ``cls``/``index``/``id``, ``txt``,
+``json``), and cast to the input's dtype.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand WebDataset-style brace patterns: ``train-{000..009}.tar`` (zero-padded
+    ranges) and ``{a,b}`` alternatives, nested left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+    rng = _BRACE_RANGE.fullmatch("{" + body + "}")
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
+def shard_paths(patterns: Sequence[str]) -> list[str]:
+    """Shard files named by brace patterns, globs or plain paths (in the order given);
+    raises FileNotFoundError naming a pattern that matches nothing."""
+    paths: list[str] = []
+    for pattern in patterns:
+        for item in expand_braces(pattern):
+            found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+            if not found or not all(os.path.isfile(p) for p in found):
+                missing = [p for p in found if not os.path.isfile(p)] or [item]
+                raise FileNotFoundError(f"--shards: {missing[0]!r} (from {pattern!r}) is not a file")
+            paths.extend(found)
+    return paths
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """WebDataset's member naming: ``dir/key.field.ext`` -> (``dir/key``, ``field.ext``)."""
+    directory, _, base = name.rpartition("/")
+    key, dot, suffix = base.partition(".")
+    if not dot or not key:
+        return None
+    return (f"{directory}/{key}" if directory else key), suffix
+
+
+def decode_member(suffix: str, data: bytes) -> object:
+    """A member's value by its extension: npy -> array, cls/index/id -> int, txt -> str,
+    json -> object, anything else -> the raw bytes."""
+    ext = suffix.rsplit(".", 1)[-1].lower()
+    if ext == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if ext in ("cls", "index", "id"):
+        return int(data.decode().strip())
+    if ext == "txt":
+        return data.decode()
+    if ext == "json":
+        return json.loads(data)
+    return data
+
+
+def iter_samples(paths: Iterable[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: raw bytes}) for every sample of the shards, in file order.
+
+    Consecutive members with the same key form one sample (WebDataset's rule).
+    """
+    for path in paths:
+        with tarfile.open(path, mode="r|*") as tar:  # streaming: any size, gz too
+            key: str | None = None
+            members: dict[str, bytes] = {}
+            for info in tar:
+                if not info.isfile():
+                    continue
+                parts = split_member(info.name)
+                if parts is None:
+                    continue
+                fh = tar.extractfile(info)
+                data = fh.read() if fh is not None else b""
+                if parts[0] != key:
+                    if key is not None and members:
+                        yield key, members
+                    key, members = parts[0], {}
+                members[parts[1]] = data
+            if key is not None and members:
+                yield key, members
+
+
+def count_samples(paths: Iterable[str]) -> int:
+    """Number of samples in the shards (headers only), for the progress bar's total."""
+    total = 0
+    for path in paths:
+        with tarfile.open(path, mode="r:*") as tar:
+            total += len({p[0] for p in (split_member(n) for n in tar.getnames()) if p is not None})
+    return total
+
+
+def sample_inputs(key: str, members: dict[str, bytes], inputs: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+    """One sample's model inputs: the member whose field is each input's name, decoded
+    and cast to its dtype. Raises KeyError naming the sample, the input and what it has."""
+    out: dict[str, np.ndarray] = {}
+    for name, dtype in inputs.items():
+        suffix = next((s for s in members if s == name or s.startswith(name + ".")), None)
+        if suffix is None:
+            raise KeyError(f"sample {key!r}: no member for model input {name!r} (it has "
+                           f"{sorted(members)}); shards need a '{{key}}.{name}.npy' (or .cls) member")
+        value = decode_member(suffix, members[suffix])
+        if isinstance(value, (bytes, str)):
+            raise ValueError(f"sample {key!r}: member {suffix!r} for input {name!r} is not numeric; "
+                             "store inputs as .npy arrays or .cls integers")
+        out[name] = np.asarray(value, dtype=dtype)
+    return out
+
+
+def batches(samples: Iterable[tuple[str, dict[str, bytes]]], inputs: dict[str, np.dtype],
+            batch_size: int, skip: set[str] | frozenset[str]) -> Iterator[tuple[list[str], dict[str, np.ndarray], int]]:
+    """Batches of (keys, stacked inputs, samples skipped since the last batch) over the
+    samples whose key is not in ``skip`` (the ones the cache file already holds)."""
+    keys: list[str] = []
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in inputs}
+    skipped = 0
+    seen: set[str] = set()
+    for key, members in samples:
+        if key in skip or key in seen:
+            skipped += 1
+            continue
+        seen.add(key)
+        for name, value in sample_inputs(key, members, inputs).items():
+            rows[name].append(value)
+        keys.append(key)
+        if len(keys) == batch_size:
+            yield keys, {n: np.stack(v) for n, v in rows.items()}, skipped
+            keys, rows, skipped = [], {name: [] for name in inputs}, 0
+    if keys or skipped:
+        yield keys, ({n: np.stack(v) for n, v in rows.items()} if keys else {}), skipped
