@@ -56,7 +56,8 @@ def _as_float(value, field: str) -> float:
 
 
 def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str | os.PathLike, *,
-                     example_inputs: Sequence[torch.Tensor], input_names: Sequence[str], kind: str,
+                     example_inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+                     input_names: Sequence[str] | None = None, kind: str,
                      logit_scale: float | torch.Tensor | None = None,
                      logit_bias: float | torch.Tensor | None = 0.0,
                      input_meanings: Mapping[str, str] | None = None, opset: int = 17,
@@ -64,14 +65,31 @@ def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str
     """Write ``model`` (+ ``loss_fn`` for per_example) to ``path`` as a reference model.
 
     ``example_inputs`` are tensors in the order of ``input_names`` (for per_example, the
-    labels last); ``loss_fn(outputs, labels)`` must return one loss per example
-    (e.g. ``torch.nn.CrossEntropyLoss(reduction="none")``). Returns the contract written.
+    labels last), or a dict name -> tensor in that order (then ``input_names`` may be
+    left out); a batch of at least 2 rows. ``loss_fn(outputs, labels)`` must return one
+    loss per example (e.g. ``torch.nn.CrossEntropyLoss(reduction="none")``). The file is
+    checked in ONNX Runtime against torch, on the example batch and on a larger one (the
+    batch axis is dynamic). Returns the contract written.
     """
     check_name(kind, LOSS_KINDS, "kind")
+    if isinstance(example_inputs, Mapping):
+        if input_names is not None and tuple(input_names) != tuple(example_inputs):
+            raise ValueError(f"input_names: {list(input_names)} differ from the example_inputs keys "
+                             f"{list(example_inputs)}; give one or the other")
+        input_names = tuple(example_inputs)
+        example_inputs = tuple(example_inputs.values())
+    if input_names is None:
+        raise ValueError("input_names: name each example input (or pass example_inputs as a dict)")
     example_inputs = tuple(example_inputs)
     input_names = tuple(input_names)
     if len(example_inputs) != len(input_names):
         raise ValueError(f"input_names: {len(input_names)} names for {len(example_inputs)} example inputs")
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in example_inputs):
+        raise ValueError("example_inputs: give tensors with a leading batch axis")
+    batch = example_inputs[0].shape[0]
+    if batch < 2 or any(t.shape[0] != batch for t in example_inputs):
+        raise ValueError(f"example_inputs: every input needs the same batch of at least 2 rows, got "
+                         f"{[tuple(t.shape) for t in example_inputs]}")
     if kind == "per_example":
         if loss_fn is None:
             raise ValueError("loss_fn: per_example models are exported with their per-example loss, "
@@ -94,6 +112,17 @@ def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str
 
     path = os.fspath(path)
     wrapped.eval()
+    with torch.no_grad():
+        probe = wrapped(*example_inputs)
+    probe = [probe] if isinstance(probe, torch.Tensor) else list(probe)
+    for name, value in zip(outputs, probe):
+        want = (batch,) if kind == "per_example" else None
+        if want is not None and tuple(value.shape) != want:
+            raise ValueError(f"loss_fn: gives shape {tuple(value.shape)} for a batch of {batch}; a per_example "
+                             "model needs one loss per example (use reduction='none')")
+        if kind != "per_example" and (value.dim() != 2 or value.shape[0] != batch):
+            raise ValueError(f"model: output {name!r} has shape {tuple(value.shape)}; contrastive models "
+                             f"return (image_embeds, text_embeds) of shape (B, d), B={batch}")
     dynamic = {name: {0: "batch"} for name in (*input_names, *outputs)}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -109,6 +138,8 @@ def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str
     onnx.save(proto, path)
     if check:
         _check_against_torch(wrapped, example_inputs, input_names, outputs, path)
+        bigger = tuple(torch.cat([t] * 3 + [t[:1]]) for t in example_inputs)  # 3B+1 rows
+        _check_against_torch(wrapped, bigger, input_names, outputs, path)
     log.info("exported %s reference model to %s", kind, path)
     return contract
 
@@ -117,7 +148,9 @@ def _check_against_torch(wrapped: torch.nn.Module, example_inputs, input_names, 
     """Run the file in ONNX Runtime and torch on the same input; raise if they differ."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
     feed = {n: t.detach().cpu().numpy() for n, t in zip(input_names, example_inputs)}
     got = session.run(list(outputs), feed)
     with torch.no_grad():

@@ -9,6 +9,14 @@ Format: a stream of msgpack maps, appended one after another.
 
 Appending keeps writing cheap and resumable: an interrupted writer leaves at worst a
 truncated last record, which the reader ignores and a resuming writer cuts off.
+
+API (numpy and msgpack only, so the precompute command and the server share it):
+
+- ``CacheFileWriter(path, model_version, resume=True)``: ``.add(key, outputs)`` appends
+  one sample (False if the key is already in the file), ``.keys`` the keys written so far
+  (including those of a resumed file), ``.flush()``, ``.close()``; a context manager.
+- ``read_cache_file(path) -> (model_version, records)``: records iterates (key, outputs).
+- ``iter_cache_file(path)``: (model_version, key, outputs) for every record.
 """
 from __future__ import annotations
 
@@ -33,9 +41,11 @@ class CacheFileError(ValueError):
 def _encode_outputs(outputs: Mapping[str, np.ndarray]) -> dict:
     out = {}
     for name, value in outputs.items():
-        arr = np.ascontiguousarray(value)
+        # np.asarray, not np.ascontiguousarray: that one turns a 0-d row (a per_example
+        # loss) into shape (1,); tobytes() writes C order whatever the layout
+        arr = np.asarray(value)
         little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        out[name] = [little.dtype.str, list(arr.shape), little.tobytes()]
+        out[name] = [little.dtype.str, list(arr.shape), little.tobytes(order="C")]
     return out
 
 
@@ -68,28 +78,59 @@ def _check_header(record: object, path: str) -> str:
     return str(record["model_version"])
 
 
-def read_cache_file(path: str | os.PathLike) -> tuple[str, Iterator[tuple[str, dict[str, np.ndarray]]]]:
-    """Open a cache file: its model version and an iterator of (key, outputs)."""
+class CacheRecords:
+    """The records of an open cache file: iterate for (key, outputs); closes the file at
+    the end, on ``close()`` or on leaving a ``with`` block."""
+
+    def __init__(self, fh: BinaryIO, scan: Iterator[tuple[int, dict]], path: str):
+        self._fh = fh
+        self._scan = scan
+        self.path = path
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        try:
+            for _, rec in self._scan:
+                try:
+                    yield rec["k"], _decode_outputs(rec["o"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise CacheFileError(f"{self.path}: malformed record ({exc!r}); expected "
+                                         "{'k': key, 'o': {name: [dtype, shape, bytes]}}") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> CacheRecords:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_cache_file(path: str | os.PathLike) -> tuple[str, CacheRecords]:
+    """Open a cache file: its model version, and its records as an iterator of
+    (key, outputs) that closes the file when done (or use it in a ``with`` block)."""
     path = os.fspath(path)
     fh = open(path, "rb")
     scan = _scan(fh, path)
     try:
-        _, header = next(scan)
-    except StopIteration:
-        fh.close()
-        raise CacheFileError(f"{path}: empty file; expected a {FORMAT!r} header") from None
-    try:
-        version = _check_header(header, path)
-    except CacheFileError:
+        first = next(scan, None)
+        if first is None:
+            raise CacheFileError(f"{path}: empty file; expected a {FORMAT!r} header")
+        version = _check_header(first[1], path)
+    except BaseException:
         fh.close()
         raise
+    return version, CacheRecords(fh, scan, path)
 
-    def records() -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-        with fh:
-            for _, rec in scan:
-                yield rec["k"], _decode_outputs(rec["o"])
 
-    return version, records()
+def iter_cache_file(path: str | os.PathLike) -> Iterator[tuple[str, str, dict[str, np.ndarray]]]:
+    """Every record of a cache file as (model_version, key, outputs)."""
+    version, records = read_cache_file(path)
+    with records:
+        for key, outputs in records:
+            yield version, key, outputs
 
 
 class CacheFileWriter:

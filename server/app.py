@@ -42,10 +42,13 @@ class ServerConfig:
     metrics_host: str = "0.0.0.0"
     intra_op_threads: int | None = None
     inter_op_threads: int | None = None
-    workers: int = 16
+    workers: int = 4
+    max_inflight: int = 256
+    providers: list[str] | None = None
     max_batch: int = 8192
     max_delay_ms: float = 2.0
     max_queue_rows: int = 262144
+    inference_workers: int = 1
     grace_s: float = 30.0
 
 
@@ -60,23 +63,34 @@ class ScoringServer:
         self.port: int | None = None
         self.engine: ScoringEngine | None = None
         self._stopping: asyncio.Task | None = None
+        self.servicer: ScorerServicer | None = None
+        self.batcher: Batcher | None = None
+        self._metrics_http = None
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
     async def start(self) -> int:
-        """Bind the port (serving health NOT_SERVING), load the models, then go SERVING."""
+        """Bind the port (health NOT_SERVING), load the models, then go SERVING; returns the port."""
+        port = await self.bind()
+        await self.load()
+        return port
+
+    async def bind(self) -> int:
+        """Start the gRPC server on its port with health NOT_SERVING; Scorer calls get
+        UNAVAILABLE until ``load`` is done."""
         c = self.config
         interceptors = [MetricsInterceptor(self.metrics)]
         if c.token:
-            interceptors.insert(0, BearerTokenInterceptor(c.token))
+            # inside the metrics interceptor, so refused calls are counted (code UNAUTHENTICATED)
+            interceptors.append(BearerTokenInterceptor(c.token))
         options = [("grpc.max_receive_message_length", c.max_message_bytes),
                    ("grpc.max_send_message_length", c.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.servicer = ScorerServicer(self.metrics, c.workers)
+        self.servicer = ScorerServicer(self.metrics, c.workers, c.max_inflight)
         scorer_pb2_grpc.add_ScorerServicer_to_server(self.servicer, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -91,24 +105,34 @@ class ScoringServer:
         if not self.port:
             raise OSError(f"--port: cannot bind {address}")
         await self.server.start()
-        log.info("listening on %s:%d (%s), loading %d model(s)", c.host, self.port,
-                 "TLS" if c.tls_cert else "plaintext", len(c.models))
+        if c.metrics_port is not None:
+            self._metrics_http = self.metrics.serve(c.metrics_port, c.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", c.metrics_host, c.metrics_port)
+        log.info("listening on %s:%d (%s%s), loading %d model(s)", c.host, self.port,
+                 "TLS" if c.tls_cert else "plaintext", ", bearer token" if c.token else "", len(c.models))
+        return self.port
+
+    async def load(self) -> None:
+        """Load the models and the cache file(s) off the event loop, start batching, go SERVING."""
+        c = self.config
         loop = asyncio.get_running_loop()
         self.engine = await loop.run_in_executor(None, lambda: ScoringEngine(
             c.models, cache_bytes=c.cache_bytes, cache_file=c.cache_files or None,
-            intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads))
-        batcher = Batcher(self.engine.models, self.metrics, max_batch=c.max_batch,
-                          max_delay=c.max_delay_ms / 1000, max_queue_rows=c.max_queue_rows)
-        batcher.start()
-        self.batcher = batcher
-        self.servicer.attach(self.engine, batcher)
-        if c.metrics_port is not None:
-            self.metrics.serve(c.metrics_port, c.metrics_host)
-            log.info("metrics on http://%s:%d/metrics", c.metrics_host, c.metrics_port)
+            intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads,
+            providers=c.providers))
+        self.batcher = Batcher(self.engine.models, self.metrics, max_batch=c.max_batch,
+                               max_delay=c.max_delay_ms / 1000, max_queue_rows=c.max_queue_rows,
+                               arriving=lambda: self.servicer.arriving,
+                               workers_per_model=c.inference_workers)
+        self.batcher.start()
+        self.servicer.attach(self.engine, self.batcher)
+        self.metrics.models_loaded.set(len(self.engine.models))
+        self.metrics.cache_entries.set(len(self.engine.cache))
+        self.metrics.cache_bytes.set(self.engine.cache.bytes)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("SERVING models %s", ", ".join(f"{n} ({m.contract.kind}, {m.version})"
-                                                 for n, m in self.engine.models.items()))
-        return self.port
+        log.info("SERVING models %s", ", ".join(
+            f"{n} ({m.contract.kind}, version {m.version}, {m.session.get_providers()[0]})"
+            for n, m in self.engine.models.items()))
 
     async def stop(self, grace: float | None = None) -> None:
         """Go NOT_SERVING, refuse new calls, let in-flight calls finish (up to grace)."""
@@ -121,8 +145,13 @@ class ScoringServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
-        if getattr(self, "batcher", None) is not None:
+        if self.batcher is not None:
             await self.batcher.stop()
+        if self.servicer is not None:
+            self.servicer.close()
+        if self._metrics_http is not None:
+            http, _thread = self._metrics_http
+            http.shutdown()
         log.info("stopped")
 
     async def wait(self) -> None:
@@ -131,11 +160,18 @@ class ScoringServer:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain in-flight calls and return."""
+    """Run until SIGTERM or SIGINT, then drain in-flight calls (up to the grace period)
+    and return. A model that fails to load raises after the port is closed again."""
     server = ScoringServer(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
-    await server.start()
+        loop.add_signal_handler(sig, lambda s=sig: (log.info("%s: draining", signal.Signals(s).name),
+                                                    asyncio.ensure_future(server.stop())))
+    await server.bind()
+    try:
+        await server.load()
+    except BaseException:
+        await server.stop(0)
+        raise
     await server.wait()
     await server.stop()

@@ -1,68 +1,211 @@
-"""The reference cache: a thread-safe LRU of per-sample reference outputs under a byte budget.
+"""The reference cache: (model version, sample key) -> that sample's reference outputs,
+least-recently-used entries evicted first under a byte budget.
 
-Keys are (model version, sample key): reference models are frozen, so an entry never
-goes stale; a new model file gets a new version and new entries.
+Reference models are frozen, so an entry never goes stale; a new model file gets a new
+version and new entries. Entries live in slabs, one per model version: one array per
+output with a row per entry, and a dict key -> row. A super-batch of B keys is then
+one dict lookup per key and one fancy-indexed gather per output, not B small arrays
+(the hit path must cost little beside the RPC that carries it).
+
+Recency is counted per operation: every key touched by one lookup or insert shares a
+tick, so the order is exact LRU at request granularity. When an insert would pass the
+budget, the oldest entries are evicted in one go, with some slack (1/16 of the budget)
+so that a full cache does not pay an eviction scan on every insert.
 """
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from itertools import repeat
 
 import numpy as np
 
-Entry = dict[str, np.ndarray]
+# Bytes charged per entry on top of its output rows and its key's length: the dict slot,
+# the key's str object and the bookkeeping arrays (an estimate, as sys.getsizeof would be).
+ENTRY_OVERHEAD = 120
+_MIN_CAPACITY = 1024
 
 
-def _entry_bytes(entry: Mapping[str, np.ndarray], key: tuple[str, str]) -> int:
-    return sum(v.nbytes for v in entry.values()) + len(key[0]) + len(key[1]) + 64
+class _Slab:
+    """Storage of one model version: arrays with a row per entry, and key -> row."""
+
+    def __init__(self, outputs: Mapping[str, np.ndarray]):
+        # outputs: name -> (n, *row_shape) array; fixes the dtypes and row shapes
+        self.specs = {name: (value.dtype, value.shape[1:]) for name, value in outputs.items()}
+        self.row_bytes = sum(dt.itemsize * int(np.prod(shape, dtype=np.int64))
+                             for dt, shape in self.specs.values())
+        self.capacity = 0
+        self.arrays = {name: np.empty((0, *shape), dt) for name, (dt, shape) in self.specs.items()}
+        self.ticks = np.empty(0, np.int64)       # last use; -1 for a free row
+        self.sizes = np.empty(0, np.int64)       # bytes charged for the row's entry
+        self.keys = np.empty(0, object)          # row -> key
+        self.index: dict[str, int] = {}
+        self.free: list[int] = []
+
+    def grow(self, need: int) -> None:
+        """Make room for ``need`` more entries (capacity doubles)."""
+        if len(self.free) >= need:
+            return
+        new_cap = max(_MIN_CAPACITY, self.capacity * 2, self.capacity + need - len(self.free))
+        extra = new_cap - self.capacity
+        for name, (dt, shape) in self.specs.items():
+            grown = np.empty((new_cap, *shape), dt)
+            grown[:self.capacity] = self.arrays[name]
+            self.arrays[name] = grown
+        self.ticks = np.concatenate([self.ticks, np.full(extra, -1, np.int64)])
+        self.sizes = np.concatenate([self.sizes, np.zeros(extra, np.int64)])
+        self.keys = np.concatenate([self.keys, np.full(extra, None, object)])
+        # pop() takes from the end: hand out low rows first
+        self.free.extend(range(new_cap - 1, self.capacity - 1, -1))
+        self.capacity = new_cap
+
+    def check(self, outputs: Mapping[str, np.ndarray], field: str) -> dict[str, np.ndarray]:
+        if set(outputs) != set(self.specs):
+            raise ValueError(f"{field}: outputs {sorted(outputs)} do not match the cached outputs "
+                             f"{sorted(self.specs)} of this model version")
+        out = {}
+        for name, (dt, shape) in self.specs.items():
+            value = np.asarray(outputs[name])
+            if value.shape[1:] != shape:
+                raise ValueError(f"{field}[{name!r}]: rows of shape {list(value.shape[1:])}, the cache "
+                                 f"holds rows of shape {list(shape)} for this model version")
+            out[name] = value.astype(dt, copy=False)
+        return out
 
 
 class ReferenceCache:
-    """LRU map (version, key) -> {output name: one sample's array}, bounded in bytes."""
+    """Thread-safe LRU map (version, key) -> {output name: one sample's row}, bounded in bytes."""
 
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
             raise ValueError(f"cache_bytes: must be >= 0, got {max_bytes}")
-        self.max_bytes = max_bytes
+        self.max_bytes = int(max_bytes)
         self.bytes = 0
         self.evictions = 0
-        self._data: OrderedDict[tuple[str, str], Entry] = OrderedDict()
+        self._slabs: dict[str, _Slab] = {}
+        self._tick = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._data)
+        return sum(len(s.index) for s in self._slabs.values())
 
-    def get_many(self, version: str, keys: Sequence[str]) -> list[Entry | None]:
-        """The entries of ``keys`` (None where missing), refreshing their recency."""
-        out: list[Entry | None] = []
-        with self._lock:
-            for key in keys:
-                entry = self._data.get((version, key))
-                if entry is not None:
-                    self._data.move_to_end((version, key))
-                out.append(entry)
-        return out
+    def get(self, version: str, keys: Sequence[str]) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
+        """Look up a super-batch of keys.
 
-    def put(self, version: str, key: str, entry: Mapping[str, np.ndarray]) -> None:
-        """Insert one sample's outputs (copied, so request buffers are not kept alive)."""
-        item = {name: np.array(value, copy=True) for name, value in entry.items()}
-        ckey = (version, key)
-        size = _entry_bytes(item, ckey)
-        if size > self.max_bytes:
-            return
+        Returns ``(outputs, missing)``: ``outputs`` maps output name -> (B, ...) array whose
+        rows for cached keys are filled (rows listed in ``missing`` are left unset), or
+        None when no key is cached; ``missing`` holds the row indices of uncached keys.
+        """
+        n = len(keys)
         with self._lock:
-            old = self._data.pop(ckey, None)
-            if old is not None:
-                self.bytes -= _entry_bytes(old, ckey)
-            self._data[ckey] = item
-            self.bytes += size
-            while self.bytes > self.max_bytes and self._data:
-                k, v = self._data.popitem(last=False)
-                self.bytes -= _entry_bytes(v, k)
-                self.evictions += 1
+            slab = self._slabs.get(version)
+            if slab is None or not slab.index:
+                return None, np.arange(n, dtype=np.int64)
+            rows = np.fromiter(map(slab.index.get, keys, repeat(-1, n)), dtype=np.int64, count=n)
+            hit = rows >= 0
+            n_hit = int(np.count_nonzero(hit))
+            if n_hit == 0:
+                return None, np.arange(n, dtype=np.int64)
+            self._tick += 1
+            if n_hit == n:
+                slab.ticks[rows] = self._tick
+                return {name: arr[rows] for name, arr in slab.arrays.items()}, np.empty(0, np.int64)
+            hit_rows = rows[hit]
+            slab.ticks[hit_rows] = self._tick
+            outputs = {}
+            for name, arr in slab.arrays.items():
+                out = np.empty((n, *arr.shape[1:]), arr.dtype)
+                out[hit] = arr[hit_rows]
+                outputs[name] = out
+            return outputs, np.flatnonzero(~hit)
 
     def put_batch(self, version: str, keys: Sequence[str], outputs: Mapping[str, np.ndarray]) -> None:
-        """Insert a batch: row i of every output belongs to keys[i]."""
-        for i, key in enumerate(keys):
-            self.put(version, key, {name: value[i] for name, value in outputs.items()})
+        """Insert a batch: row i of every output belongs to ``keys[i]`` (values are copied)."""
+        n = len(keys)
+        if n == 0:
+            return
+        for name, value in outputs.items():
+            if np.shape(value)[:1] != (n,):
+                raise ValueError(f"outputs[{name!r}]: {np.shape(value)[:1]} rows for {n} keys")
+        with self._lock:
+            slab = self._slabs.get(version)
+            if slab is None:
+                slab = self._slabs[version] = _Slab({k: np.asarray(v) for k, v in outputs.items()})
+            values = slab.check(outputs, "outputs")
+            # every entry of a batch is charged the same: its rows, the overhead, the mean key length
+            size = slab.row_bytes + ENTRY_OVERHEAD + -(-sum(map(len, keys)) // n)
+            if size * n > self.max_bytes:
+                # a batch larger than the whole budget: keep the tail of it that fits
+                keep = self.max_bytes // size
+                if keep == 0:
+                    return
+                keys = list(keys)[n - keep:]
+                values = {k: v[n - keep:] for k, v in values.items()}
+                n = keep
+            total = size * n
+            self._tick += 1
+            need = self.bytes + total - self.max_bytes
+            if need > 0:
+                self._evict(need + self.max_bytes // 16)
+            slab.grow(n)
+            rows = np.array(slab.free[len(slab.free) - n:][::-1], dtype=np.int64)
+            del slab.free[len(slab.free) - n:]
+            for name, value in values.items():
+                slab.arrays[name][rows] = value
+            slab.ticks[rows] = self._tick
+            slab.sizes[rows] = size
+            slab.keys[rows] = keys if isinstance(keys, list) else list(keys)
+            before = len(slab.index)
+            slab.index.update(zip(keys, rows.tolist()))
+            self.bytes += total
+            if len(slab.index) - before != n:
+                # some keys were cached already (two requests raced to fill them) or came twice:
+                # the new (last) row won in the index; free the rows it no longer points to
+                self._drop_orphans(slab)
+
+    def _drop_orphans(self, slab: _Slab) -> None:
+        """Free the rows of ``slab`` that the index does not point to (lock held)."""
+        used = np.flatnonzero(slab.ticks >= 0)
+        pointed = np.fromiter(map(slab.index.get, slab.keys[used], repeat(-1, used.size)), dtype=np.int64,
+                              count=used.size)
+        orphans = used[pointed != used]
+        self.bytes -= int(slab.sizes[orphans].sum())
+        slab.ticks[orphans] = -1
+        slab.sizes[orphans] = 0
+        slab.keys[orphans] = None
+        slab.free.extend(orphans.tolist())
+
+    def put(self, version: str, key: str, entry: Mapping[str, np.ndarray]) -> None:
+        """Insert one sample's outputs (no batch axis)."""
+        self.put_batch(version, [key], {name: np.asarray(v)[None] for name, v in entry.items()})
+
+    def _evict(self, nbytes: int) -> None:
+        """Drop the least recently used entries until ``nbytes`` are freed (lock held)."""
+        parts = []
+        for slab in self._slabs.values():
+            used = np.flatnonzero(slab.ticks >= 0)
+            parts.append((slab, used, slab.ticks[used]))
+        if not parts:
+            return
+        ticks = np.concatenate([p[2] for p in parts])
+        if ticks.size == 0:
+            return
+        order = np.argsort(ticks, kind="stable")
+        sizes = np.concatenate([p[0].sizes[p[1]] for p in parts])[order]
+        count = int(np.searchsorted(np.cumsum(sizes), nbytes)) + 1
+        chosen = order[:count]
+        offset = 0
+        for slab, used, _ in parts:
+            mine = chosen[(chosen >= offset) & (chosen < offset + used.size)] - offset
+            offset += used.size
+            if mine.size == 0:
+                continue
+            rows = used[mine]
+            for key in slab.keys[rows]:
+                del slab.index[key]
+            self.bytes -= int(slab.sizes[rows].sum())
+            self.evictions += int(rows.size)
+            slab.ticks[rows] = -1
+            slab.sizes[rows] = 0
+            slab.keys[rows] = None
+            slab.free.extend(rows.tolist())

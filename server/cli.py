@@ -9,6 +9,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jest_stream.cachefile import CacheFileError
+from jest_stream.contract import ContractError
+
 from .app import ServerConfig, serve
 
 log = logging.getLogger(__name__)
@@ -33,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         default = kw.pop("default", None)
         if env in os.environ:
             raw = os.environ[env]
-            if kw.get("action") == "append":
-                default = [kw["type"](v) for v in raw.split(",") if v] if "type" in kw else raw.split(",")
+            if kw.get("action") == "append":  # applied after parsing, unless the flag is given
+                conv = kw.get("type", str)
+                p.set_defaults(**{"_env_" + flag.lstrip("-").replace("-", "_"):
+                                  [conv(v.strip()) for v in raw.split(",") if v.strip()]})
             elif kw.get("action") == "store_true":
                 default = raw.lower() in ("1", "true", "yes", "on")
             else:
@@ -54,14 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("--metrics-host", "address of the metrics endpoint", default="0.0.0.0")
     add("--intra-op-threads", "ONNX Runtime intra-op threads (default: ORT's choice)", type=int)
     add("--inter-op-threads", "ONNX Runtime inter-op threads", type=int)
-    add("--workers", "threads handling requests", type=int, default=16)
+    add("--providers", "ONNX Runtime execution providers, comma-separated (default: CUDA if available, "
+        "else CPU)")
+    add("--workers", "threads decoding requests and running selection", type=int, default=4)
+    add("--max-inflight", "calls in flight before RESOURCE_EXHAUSTED", type=int, default=256)
     add("--max-batch", "most rows per reference inference batch", type=int, default=8192)
+    add("--inference-workers", "batches of one model run at once (with --intra-op-threads 1, up to the "
+        "number of cores)", type=int, default=1)
     add("--max-delay-ms", "longest wait to fill an inference batch", type=float, default=2.0)
     add("--max-queue-rows", "rows allowed to wait for inference before RESOURCE_EXHAUSTED", type=int,
         default=262144)
     add("--grace", "seconds in-flight calls get to finish after SIGTERM", type=float, default=30.0)
     add("--log-level", "logging level", default="INFO")
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse flags; environment variables fill what the command line leaves unset."""
+    args = build_parser().parse_args(argv)
+    for name in list(vars(args)):
+        if name.startswith("_env_"):
+            dest = name[len("_env_"):]
+            if getattr(args, dest) is None:
+                setattr(args, dest, getattr(args, name))
+            delattr(args, name)
+    return args
 
 
 def _read(path: str | None, flag: str) -> bytes | None:
@@ -90,21 +112,34 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_cert=_read(args.tls_cert, "--tls-cert"), tls_key=_read(args.tls_key, "--tls-key"),
         max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host, intra_op_threads=args.intra_op_threads,
-        inter_op_threads=args.inter_op_threads, workers=args.workers, max_batch=args.max_batch,
-        max_delay_ms=args.max_delay_ms, max_queue_rows=args.max_queue_rows, grace_s=args.grace)
+        inter_op_threads=args.inter_op_threads, workers=args.workers, max_inflight=args.max_inflight,
+        providers=[p for p in args.providers.split(",") if p] if args.providers else None,
+        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, inference_workers=args.inference_workers,
+        max_queue_rows=args.max_queue_rows, grace_s=args.grace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = config_from_args(args)
+    for flag, value in (("--port", config.port), ("--max-message-bytes", config.max_message_bytes - 1),
+                        ("--workers", config.workers - 1), ("--max-inflight", config.max_inflight - 1),
+                        ("--max-batch", config.max_batch - 1), ("--max-queue-rows", config.max_queue_rows - 1),
+                        ("--inference-workers", config.inference_workers - 1),
+                        ("--cache-bytes", config.cache_bytes)):
+        if value < 0:
+            raise SystemExit(f"{flag}: must be {'>= 0' if flag in ('--port', '--cache-bytes') else '>= 1'}")
     try:
         import uvloop
         runner = uvloop.run
     except ImportError:  # e.g. Windows
         runner = asyncio.run
-    runner(serve(config))
+    try:
+        runner(serve(config))
+    except (ContractError, CacheFileError, FileNotFoundError, OSError) as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
     return 0
 
 

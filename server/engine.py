@@ -1,32 +1,39 @@
 """The scoring engine: reference outputs (cache first, then ONNX Runtime) and selection.
 
-Synchronous and transport-free: the gRPC servicer runs it in worker threads, and the
-embedded scorer (``jest_stream.client.LocalScorer``) calls it in-process, so served and
-local selections are the same for the same seed. Inference goes through ``infer``,
-which the server replaces with its dynamic batcher.
+Synchronous and transport-free: the embedded scorer (``jest_stream.client.LocalScorer``)
+calls ``ScoringEngine.select`` in-process, and the gRPC servicer calls the same steps
+one by one so that reference inference can go through its dynamic batcher:
+
+1. ``plan_select`` / ``plan_reference``: check the request, look its keys up in the
+   cache, and gather the inputs of the rows that missed (``Plan.run_inputs``);
+2. run those rows through the model (``ReferenceModel.run``, or the batcher);
+3. ``complete_reference``: put the fresh rows in the cache and assemble B rows;
+   ``finish_select``: the core's ``select`` on learner and reference outputs.
+
+``select`` is exactly 1-2-3 with step 2 run directly, so served and local selections
+are the same for the same seed. Bad input raises ValueError naming the field.
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from jest_stream.cachefile import read_cache_file
+from jest_stream.cachefile import CacheFileError, read_cache_file
 from jest_stream.contract import ModelContract
-from jest_stream.samplers import DEFAULT_N_CHUNKS
-from jest_stream.scores import Embeddings, Losses
-from jest_stream.selection import Selection, select
+from jest_stream.samplers import DEFAULT_N_CHUNKS, SAMPLERS, check_sizes
+from jest_stream.scores import SCORE_WEIGHTS, SCORES, Embeddings, Losses, check_name
+from jest_stream.selection import Selection, make_rng, select
 
 from .cache import ReferenceCache
 from .models import ReferenceModel
 
 log = logging.getLogger(__name__)
 
-# (model, job id, inputs of the rows to run) -> outputs of those rows
-InferFn = Callable[[ReferenceModel, str, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+_LOAD_CHUNK = 4096  # cache-file records inserted per batch
 
 
 class UnknownModel(ValueError):
@@ -35,7 +42,8 @@ class UnknownModel(ValueError):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A loaded model as ListModels reports it."""
+    """A loaded model as ListModels reports it: inputs/outputs map name -> (dtype, shape),
+    -1 marking a dynamic axis."""
 
     name: str
     kind: str
@@ -49,6 +57,8 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class ReferenceResult:
+    """Reference outputs of a super-batch (B rows each) and how many rows came from the cache."""
+
     outputs: dict[str, np.ndarray]
     hits: int
     misses: int
@@ -57,26 +67,63 @@ class ReferenceResult:
 
 @dataclass(frozen=True)
 class SelectResult:
+    """The core's Selection plus the reference-cache figures of the request."""
+
     selection: Selection
     hits: int
     misses: int
     version: str
 
 
-def _run_directly(model: ReferenceModel, job_id: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return model.run(inputs)
+@dataclass
+class ReferencePlan:
+    """A reference request after the cache lookup: what is known, what must still run."""
+
+    model: ReferenceModel
+    keys: list[str] | None
+    batch: int
+    cached: dict[str, np.ndarray] | None   # B rows, filled where the key hit the cache
+    missing: np.ndarray                     # row indices to run through the model
+    run_inputs: dict[str, np.ndarray] | None  # the inputs of those rows (None: nothing to run)
+
+
+@dataclass
+class SelectPlan:
+    """A checked Select request: its reference plan (None if the score needs no reference)
+    and the selection arguments."""
+
+    model: ReferenceModel
+    reference: ReferencePlan | None
+    learner: Losses | Embeddings
+    n_select: int
+    score: str
+    sampler: str
+    n_chunks: int
+    score_gain: float
+    seed: int | None
+
+    @property
+    def run_inputs(self) -> dict[str, np.ndarray] | None:
+        return None if self.reference is None else self.reference.run_inputs
 
 
 def check_keys(keys: Sequence[str]) -> None:
     """Keys must be non-empty and unique within a super-batch."""
+    unique = set(keys)
+    if len(unique) == len(keys) and "" not in unique:
+        return
     seen: dict[str, int] = {}
     for i, key in enumerate(keys):
         if not key:
             raise ValueError(f"keys[{i}]: empty key; every example needs a non-empty key (or send no keys)")
         if key in seen:
-            raise ValueError(f"keys[{i}]: duplicate key {key!r} (also at {seen[key]}); keys must be unique "
-                             "within a super-batch")
+            raise ValueError(f"keys[{i}]: duplicate key {key!r} (also at keys[{seen[key]}]); keys must be "
+                             "unique within a super-batch")
         seen[key] = i
+
+
+def _rows(arrays: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: value[idx] for name, value in arrays.items()}
 
 
 class ScoringEngine:
@@ -85,7 +132,7 @@ class ScoringEngine:
     def __init__(self, models: Mapping[str, str | os.PathLike], *, cache_bytes: int = 1 << 30,
                  cache_file: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 providers: Sequence[str] | None = None, infer: InferFn | None = None):
+                 providers: Sequence[str] | None = None):
         if not models:
             raise ValueError("models: give at least one NAME=PATH reference model")
         self.models: dict[str, ReferenceModel] = {
@@ -93,94 +140,227 @@ class ScoringEngine:
                                  inter_op_threads=inter_op_threads, providers=providers)
             for name, path in models.items()}
         self.cache = ReferenceCache(cache_bytes)
-        self.infer: InferFn = infer or _run_directly
-        files = [] if cache_file is None else [cache_file] if isinstance(cache_file, (str, os.PathLike)) else list(cache_file)
+        if cache_file is None:
+            files = []
+        elif isinstance(cache_file, (str, os.PathLike)):
+            files = [cache_file]
+        else:
+            files = list(cache_file)
         for path in files:
             self.load_cache_file(path)
 
-    def load_cache_file(self, path: str | os.PathLike) -> int:
-        """Load a precomputed cache file into the cache; returns the records loaded."""
-        version, records = read_cache_file(path)
-        if version not in {m.version for m in self.models.values()}:
-            log.warning("cache file %s is for model version %s, which no loaded model has; skipped",
-                        path, version)
-            return 0
-        n = 0
-        for key, outputs in records:
-            self.cache.put(version, key, outputs)
-            n += 1
-        log.info("loaded %d reference records from %s (version %s)", n, path, version)
-        return n
+    # -- models ---------------------------------------------------------------------
 
     def model(self, name: str) -> ReferenceModel:
+        """The loaded model called ``name``; UnknownModel (a ValueError) naming the field if none."""
         try:
             return self.models[name]
         except KeyError:
             raise UnknownModel(f"model: unknown model {name!r}; this scorer has {sorted(self.models)}") from None
 
     def list_models(self) -> list[ModelInfo]:
+        """Every loaded model: name, kind, inputs, outputs, version, logit scale and bias."""
         return [ModelInfo(name, m.contract.kind,
                           {s.name: (str(s.dtype), list(s.shape)) for s in m.inputs},
                           {s.name: (str(s.dtype), list(s.shape)) for s in m.outputs},
                           m.version, m.contract.logit_scale, m.contract.logit_bias, m.contract)
                 for name, m in self.models.items()]
 
+    # -- the cache file -------------------------------------------------------------
+
+    def load_cache_file(self, path: str | os.PathLike) -> int:
+        """Load a precomputed cache file into the cache; returns the records loaded.
+
+        A file for a model version that no loaded model has is skipped with a warning
+        (an old precompute); one whose outputs do not fit the model raises CacheFileError.
+        """
+        version, records = read_cache_file(path)
+        model = next((m for m in self.models.values() if m.version == version), None)
+        if model is None:
+            log.warning("cache file %s is for model version %s, which no loaded model has (%s); skipped",
+                        path, version, ", ".join(f"{n}={m.version}" for n, m in self.models.items()))
+            records.close()
+            return 0
+        specs = {s.name: s for s in model.outputs}
+        n = 0
+        keys: list[str] = []
+        rows: list[dict[str, np.ndarray]] = []
+
+        def flush() -> None:
+            outputs = {}
+            for name in model.contract.outputs:
+                stacked = np.stack([r[name] for r in rows])
+                want = specs[name].shape[1:]
+                if stacked.shape[1:] != tuple(want) and not (len(want) == stacked.ndim - 1 and all(
+                        w in (-1, g) for w, g in zip(want, stacked.shape[1:]))):
+                    raise CacheFileError(f"{path}: record {keys[0]!r} output {name!r} has row shape "
+                                         f"{list(stacked.shape[1:])}; model {model.name!r} gives {list(want)}")
+                outputs[name] = stacked.astype(specs[name].dtype, copy=False)
+            self.cache.put_batch(version, keys, outputs)
+            keys.clear()
+            rows.clear()
+
+        with records:
+            for key, outputs in records:
+                missing = [o for o in model.contract.outputs if o not in outputs]
+                if missing:
+                    raise CacheFileError(f"{path}: record {key!r} lacks output(s) {missing} of model "
+                                         f"{model.name!r}; it has {sorted(outputs)}")
+                keys.append(key)
+                rows.append(outputs)
+                n += 1
+                if len(keys) >= _LOAD_CHUNK:
+                    flush()
+            if keys:
+                flush()
+        log.info("loaded %d reference records from %s into model %s (version %s); cache holds %d "
+                 "entries, %d bytes", n, path, model.name, version, len(self.cache), self.cache.bytes)
+        if self.cache.evictions:
+            log.warning("the cache budget (--cache-bytes %d) is smaller than the cache file(s): %d entries "
+                        "were evicted at load", self.cache.max_bytes, self.cache.evictions)
+        return n
+
+    # -- reference outputs ------------------------------------------------------------
+
+    def plan_reference(self, model: str, keys: Sequence[str] | None,
+                       inputs: Mapping[str, np.ndarray] | None, *, batch: int | None = None) -> ReferencePlan:
+        """Check a reference request and look its keys up in the cache.
+
+        ``batch`` (if known, e.g. from the learner's scores) is the B that keys and
+        inputs must match.
+        """
+        m = self.model(model)
+        keys = list(keys) if keys else None
+        inputs = dict(inputs) if inputs else None
+        if keys is not None:
+            check_keys(keys)
+            if batch is not None and len(keys) != batch:
+                raise ValueError(f"keys: {len(keys)} keys but the learner scored {batch} examples; "
+                                 "send one key per example")
+            batch = len(keys)
+        if inputs is not None:
+            rows = m.check_inputs(inputs, batch)
+            if batch is None:
+                batch = rows
+        if keys is None:
+            if inputs is None:
+                raise ValueError(f"inputs: model {m.name!r} needs its inputs {[s.name for s in m.inputs]}, "
+                                 "or keys that are already in the reference cache")
+            return ReferencePlan(m, None, batch, None, np.arange(batch, dtype=np.int64), inputs)
+        cached, missing = self.cache.get(m.version, keys)
+        if missing.size and inputs is None:
+            shown = [keys[i] for i in missing[:10]]
+            more = f" and {missing.size - 10} more" if missing.size > 10 else ""
+            raise ValueError(f"inputs: keys {shown}{more} are not in the reference cache of model "
+                             f"{m.name!r}; send the inputs of this super-batch")
+        if not missing.size:
+            run_inputs = None
+        elif missing.size == batch:
+            run_inputs = inputs
+        else:
+            run_inputs = _rows(inputs, missing)
+        return ReferencePlan(m, keys, batch, cached, missing, run_inputs)
+
+    def complete_reference(self, plan: ReferencePlan, fresh: Mapping[str, np.ndarray] | None) -> ReferenceResult:
+        """Cache the fresh outputs of the missing rows and assemble all B rows."""
+        m = plan.model
+        n_miss = int(plan.missing.size)
+        if n_miss:
+            if fresh is None:
+                raise RuntimeError("complete_reference: the plan has rows to run but no outputs were given")
+            for name in m.contract.outputs:
+                got = np.shape(fresh[name])[:1]
+                if got != (n_miss,):
+                    raise RuntimeError(f"model {m.name!r} returned {got} rows of {name!r} for {n_miss} inputs")
+            if plan.keys is not None:
+                self.cache.put_batch(m.version, [plan.keys[i] for i in plan.missing]
+                                     if n_miss != plan.batch else plan.keys,
+                                     {name: fresh[name] for name in m.contract.outputs})
+        if plan.cached is None:
+            outputs = {name: np.asarray(fresh[name]) for name in m.contract.outputs}
+        else:
+            outputs = plan.cached
+            if n_miss:
+                for name in m.contract.outputs:
+                    outputs[name][plan.missing] = fresh[name]
+        return ReferenceResult(outputs, plan.batch - n_miss, n_miss, m.version)
+
     def reference(self, model: str, keys: Sequence[str] | None, inputs: Mapping[str, np.ndarray] | None,
                   job_id: str = "") -> ReferenceResult:
         """Reference outputs for a super-batch: cached rows from the cache, the rest run."""
-        m = self.model(model)
-        keys = list(keys or [])
-        inputs = dict(inputs or {})
-        if keys:
-            check_keys(keys)
-        batch = m.check_inputs(inputs, len(keys) if keys else None) if inputs else len(keys)
-        if not keys and not inputs:
-            raise ValueError("inputs: give the reference model's inputs, or keys already in the cache")
-        if not keys:
-            return ReferenceResult(self.infer(m, job_id, inputs), 0, batch, m.version)
-        entries = self.cache.get_many(m.version, keys)
-        missing = [i for i, e in enumerate(entries) if e is None]
-        if missing and not inputs:
-            shown = [keys[i] for i in missing[:10]]
-            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise ValueError(f"inputs: keys {shown}{more} are not in the reference cache; send inputs "
-                             "for this super-batch")
-        if missing:
-            rows = np.asarray(missing)
-            fresh = self.infer(m, job_id, {k: v[rows] for k, v in inputs.items()})
-            self.cache.put_batch(m.version, [keys[i] for i in missing], fresh)
-            for j, i in enumerate(missing):
-                entries[i] = {name: value[j] for name, value in fresh.items()}
-        outputs = {name: np.stack([e[name] for e in entries]) for name in m.contract.outputs}
-        return ReferenceResult(outputs, batch - len(missing), len(missing), m.version)
+        plan = self.plan_reference(model, keys, inputs)
+        fresh = plan.model.run(plan.run_inputs) if plan.run_inputs is not None else None
+        return self.complete_reference(plan, fresh)
 
-    def select(self, model: str, *, learner: Losses | Embeddings, n_select: int,
-               keys: Sequence[str] | None = None, inputs: Mapping[str, np.ndarray] | None = None,
-               score: str = "learnability", sampler: str = "joint", n_chunks: int = DEFAULT_N_CHUNKS,
-               score_gain: float = 1.0, seed: int | None = None, job_id: str = "") -> SelectResult:
-        """Reference outputs + learner scores -> the selected indices (the core's select)."""
+    # -- selection ----------------------------------------------------------------------
+
+    def plan_select(self, model: str, *, learner: Losses | Embeddings, n_select: int,
+                    keys: Sequence[str] | None = None, inputs: Mapping[str, np.ndarray] | None = None,
+                    score: str = "learnability", sampler: str = "joint", n_chunks: int = DEFAULT_N_CHUNKS,
+                    score_gain: float = 1.0, seed: int | None = None) -> SelectPlan:
+        """Check everything a Select needs before any inference is spent on it."""
         m = self.model(model)
+        check_name(score, SCORES, "score")
+        check_name(sampler, SAMPLERS, "sampler")
+        kind = m.contract.kind
+        want = Losses if kind == "per_example" else Embeddings
+        if not isinstance(learner, want):
+            raise ValueError(f"learner: model {model!r} is {kind}, so the learner must send "
+                             f"{'losses (B,)' if want is Losses else 'image_embeds and text_embeds (B, d)'}")
+        learner = learner.validated("learner")
         batch = learner.batch_size
-        if keys and len(keys) != batch:
+        check_sizes(batch, n_select)
+        if isinstance(n_chunks, bool) or not isinstance(n_chunks, (int, np.integer)) or n_chunks < 1:
+            raise ValueError(f"n_chunks: expected an integer >= 1, got {n_chunks!r}")
+        if not np.isfinite(score_gain):
+            raise ValueError(f"score_gain: must be finite, got {score_gain}")
+        make_rng(seed)  # checks the seed
+        reference = None
+        if SCORE_WEIGHTS[score][1]:
+            reference = self.plan_reference(model, keys, inputs, batch=batch)
+        elif keys is not None and len(keys) and len(keys) != batch:
             raise ValueError(f"keys: {len(keys)} keys but the learner scored {batch} examples")
-        needs_reference = score != "hard_learner"
-        if needs_reference:
-            ref = self.reference(model, keys, inputs, job_id)
+        return SelectPlan(m, reference, learner, int(n_select), score, sampler, int(n_chunks),
+                          float(score_gain), seed)
+
+    def finish_select(self, plan: SelectPlan, fresh: Mapping[str, np.ndarray] | None) -> SelectResult:
+        """Complete the reference outputs and run the core's ``select``."""
+        m = plan.model
+        reference, hits, misses = None, 0, 0
+        if plan.reference is not None:
+            ref = self.complete_reference(plan.reference, fresh)
             out = ref.outputs
-            first = next(iter(out.values()))
-            if first.shape[0] != batch:
-                raise ValueError(f"inputs: {first.shape[0]} rows but the learner scored {batch} examples")
             if m.contract.kind == "per_example":
                 reference = Losses(out["loss"].reshape(-1))
             else:
                 reference = Embeddings(out["image_embeds"], out["text_embeds"],
                                        m.contract.logit_scale, m.contract.logit_bias)
             hits, misses = ref.hits, ref.misses
-        else:
-            reference, hits, misses = None, 0, 0
-        selection = select(n_select, kind=m.contract.kind, learner=learner, reference=reference,
-                           score=score, sampler=sampler, n_chunks=n_chunks, score_gain=score_gain, seed=seed)
+        selection = select(plan.n_select, kind=m.contract.kind, learner=plan.learner, reference=reference,
+                           score=plan.score, sampler=plan.sampler, n_chunks=plan.n_chunks,
+                           score_gain=plan.score_gain, seed=plan.seed)
+        indices = selection.indices
+        if not np.isfinite(selection.mean_score_all) or np.unique(indices).size != indices.size:
+            raise ValueError("learner: the scores are not finite once combined with the reference (overflow); "
+                             "scale down the learner's losses, embeddings, logit_scale/logit_bias or score_gain")
         return SelectResult(selection, hits, misses, m.version)
 
+    def select(self, model: str, *, learner: Losses | Embeddings, n_select: int,
+               keys: Sequence[str] | None = None, inputs: Mapping[str, np.ndarray] | None = None,
+               score: str = "learnability", sampler: str = "joint", n_chunks: int = DEFAULT_N_CHUNKS,
+               score_gain: float = 1.0, seed: int | None = None, job_id: str = "") -> SelectResult:
+        """Reference outputs + learner scores -> the selected indices (the core's select).
+
+        ``job_id`` is accepted for symmetry with the server (which batches and counts by
+        it); in-process it changes nothing.
+        """
+        plan = self.plan_select(model, learner=learner, n_select=n_select, keys=keys, inputs=inputs,
+                                score=score, sampler=sampler, n_chunks=n_chunks, score_gain=score_gain,
+                                seed=seed)
+        run = plan.run_inputs
+        fresh = plan.model.run(run) if run is not None else None
+        return self.finish_select(plan, fresh)
+
     def close(self) -> None:
+        """Drop the sessions (their memory goes with them)."""
         self.models.clear()

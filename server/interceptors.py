@@ -14,12 +14,32 @@ log = logging.getLogger(__name__)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
+class _Undecodable:
+    """What a request that is not a valid message deserializes to (answered INVALID_ARGUMENT,
+    rather than gRPC's UNKNOWN and a logged traceback per garbage request)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer):
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # protobuf's DecodeError, or whatever a custom one raises
+            return _Undecodable(exc)
+    return deserialize
+
+
 def _wrap(handler, wrap_unary):
     """Rebuild ``handler`` with its unary-unary behaviour wrapped (streams left as they are)."""
     if handler is None or not handler.unary_unary:
         return handler
     return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary),
-                                               request_deserializer=handler.request_deserializer,
+                                               request_deserializer=_lenient(handler.request_deserializer),
                                                response_serializer=handler.response_serializer)
 
 
@@ -76,10 +96,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         def wrap(behavior):
             async def observed(request, context):
-                job = getattr(request, "job_id", "") or "-"
+                job = self.metrics.job_label(getattr(request, "job_id", ""))
                 start = time.perf_counter()
                 code = grpc.StatusCode.OK
                 try:
+                    if isinstance(request, _Undecodable):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            f"request: not a valid {method} request message: {request.error}")
                     return await behavior(request, context)
                 except BaseException:
                     code = context.code() or grpc.StatusCode.UNKNOWN

@@ -11,6 +11,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._jobs: set[str] = set()
         r = self.registry
         self.calls = Counter("jest_calls", "RPCs answered, by method, job and status code",
                              ["method", "job", "code"], registry=r)
@@ -24,10 +25,25 @@ class Metrics:
         self.batch_rows = Histogram("jest_batch_rows", "Rows per reference inference batch", ["model"],
                                     buckets=(1, 16, 64, 256, 1024, 4096, 16384, 65536), registry=r)
         self.queue_rows = Gauge("jest_queue_rows", "Rows waiting for reference inference", ["model"], registry=r)
-        self.rejected = Counter("jest_queue_rejected", "Requests refused because the queue was full",
-                                ["model"], registry=r)
+        self.rejected = Counter("jest_queue_rejected", "Requests refused with RESOURCE_EXHAUSTED (queue or "
+                                "in-flight bound)", ["model"], registry=r)
+        self.inflight = Gauge("jest_inflight_calls", "Select/Reference calls in flight", registry=r)
+        self.models_loaded = Gauge("jest_models_loaded", "Reference models loaded and serving", registry=r)
         self.inference = Histogram("jest_inference_seconds", "Seconds per reference inference batch",
                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+
+    MAX_JOBS = 1000
+
+    def job_label(self, job_id: str) -> str:
+        """The job label of a call: its job id, or "_other" once ``MAX_JOBS`` distinct ids
+        have been seen (so that clients cannot grow the metrics without bound)."""
+        job = job_id or "-"
+        if job in self._jobs:
+            return job
+        if len(self._jobs) >= self.MAX_JOBS:
+            return "_other"
+        self._jobs.add(job)
+        return job
 
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Start the /metrics HTTP endpoint in a background thread."""

@@ -164,3 +164,95 @@ def batches(samples: Iterable[tuple[str, dict[str, bytes]]], inputs: dict[str, n
             keys, rows, skipped = [], {name: [] for name in inputs}, 0
     if keys or skipped:
         yield keys, ({n: np.stack(v) for n, v in rows.items()} if keys else {}), skipped
+
+
+def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | os.PathLike, *,
+               batch_size: int = 256, intra_op_threads: int | None = 1, progress: bool = True,
+               limit: int | None = None) -> dict[str, int | str]:
+    """Run the reference model over every sample of ``shards`` not yet in the cache file
+    ``out`` and append their outputs to it. Returns counts: written, skipped (already in
+    the file), total samples read, and the model version.
+
+    ``limit`` stops after writing that many records (tests use it to simulate an
+    interrupted run; a killed process leaves the same kind of file).
+    """
+    from tqdm import tqdm
+
+    from jest_stream.cachefile import CacheFileWriter
+    from jest_stream.contract import model_version
+    from jest_stream.server.models import ReferenceModel
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: expected at least 1, got {batch_size}")
+    paths = shard_paths(shards)
+    version = model_version(model_path)
+    model = ReferenceModel("reference", model_path, intra_op_threads=intra_op_threads)
+    inputs = {spec.name: np.dtype(spec.dtype) for spec in model.inputs}
+    outputs = list(model.contract.outputs)
+    total = count_samples(paths) if progress else None
+    written = skipped = 0
+    with CacheFileWriter(out, version, resume=True) as writer:
+        already = frozenset(writer.keys)
+        log.info("%s: %d record(s) already there (model version %s); %d shard(s) to read",
+                 out, len(already), version, len(paths))
+        bar = tqdm(total=total, unit="sample", desc="precompute", disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        try:
+            for keys, arrays, n_skipped in batches(iter_samples(paths), inputs, batch_size, already):
+                skipped += n_skipped
+                bar.update(n_skipped)
+                if not keys:
+                    continue
+                if limit is not None and written + len(keys) > limit:
+                    keys = keys[:limit - written]
+                    arrays = {n: v[:len(keys)] for n, v in arrays.items()}
+                result = model.run(arrays)
+                for row, key in enumerate(keys):
+                    writer.add(key, {name: result[name][row] for name in outputs})
+                writer.flush()
+                written += len(keys)
+                bar.update(len(keys))
+                if limit is not None and written >= limit:
+                    break
+        finally:
+            bar.close()
+    log.info("%s: wrote %d record(s), skipped %d already there", out, written, skipped)
+    return {"written": written, "skipped": skipped, "read": written + skipped, "model_version": version}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jest-stream precompute",
+        description="Reference outputs for every sample of WebDataset shards, into the cache file "
+                    "the server loads with --cache-file. Run it again to resume: keys already in "
+                    "the file are skipped.")
+    p.add_argument("--model", required=True, help="the reference model (ONNX, from export_reference)")
+    p.add_argument("--shards", required=True, nargs="+",
+                   help="shard files: brace patterns ('train-{000..009}.tar'), globs or paths")
+    p.add_argument("--out", required=True, help="the cache file to create or extend")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per inference batch (default 256)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``jest-stream precompute``; prints a one-line JSON summary."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not os.path.isfile(args.model):
+        print(f"jest-stream precompute: --model: {args.model!r} is not a file", file=sys.stderr)
+        return 2
+    try:
+        counts = precompute(args.model, args.shards, args.out, batch_size=args.batch_size,
+                            intra_op_threads=args.threads, progress=not args.no_progress)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"jest-stream precompute: {message}", file=sys.stderr)
+        return 2
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

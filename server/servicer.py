@@ -1,7 +1,9 @@
-"""The Scorer gRPC service: proto in, engine call in a worker thread, proto out.
+"""The Scorer gRPC service: proto in, engine steps in worker threads, proto out.
 
-Transport concerns only: decoding and encoding, mapping errors to status codes. The
-work is the engine's; reference inference goes through the dynamic batcher.
+Transport concerns only: decoding and encoding, bounding the calls in flight, mapping
+errors to status codes. The work is the engine's, step by step (plan, infer, finish),
+with the inference step going through the dynamic batcher so that concurrent requests
+share ONNX Runtime batches and no thread waits while a request is queued.
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
 
 from .batcher import Batcher, QueueFull
-from .engine import ScoringEngine
+from .engine import ScoringEngine, SelectResult
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+RETRY_KEYS = ("retry-after-ms", "grpc-retry-pushback-ms")
 
-def learner_from_proto(msg: pb.LearnerScores, kind: str, model: str):
+
+def learner_from_proto(msg: pb.LearnerScores, kind: str, model: str) -> Losses | Embeddings:
     """The learner's scores as the core wants them; errors name the proto field."""
     if kind == "per_example":
         if not msg.HasField("losses"):
@@ -37,77 +41,142 @@ def learner_from_proto(msg: pb.LearnerScores, kind: str, model: str):
                       msg.logit_scale, msg.logit_bias)
 
 
-class ScorerServicer(pb_grpc.ScorerServicer):
-    """Select, Reference and ListModels over one ScoringEngine."""
+class Overloaded(RuntimeError):
+    """Too many calls in flight; retry after ``retry_after`` seconds."""
 
-    def __init__(self, metrics: Metrics, workers: int = 16):
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ScorerServicer(pb_grpc.ScorerServicer):
+    """Select, Reference and ListModels over one ScoringEngine and its Batcher."""
+
+    def __init__(self, metrics: Metrics, workers: int = 4, max_inflight: int = 256):
         self.engine: ScoringEngine | None = None
         self.batcher: Batcher | None = None
         self.metrics = metrics
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jest-rpc")
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self.arriving = 0  # calls between admission and the batcher (they may bring rows)
 
     def attach(self, engine: ScoringEngine, batcher: Batcher) -> None:
         """Start answering with this engine (until then calls get UNAVAILABLE)."""
-        engine.infer = self._infer_via_batcher
         self.batcher = batcher
         self.engine = engine
 
-    def _infer_via_batcher(self, model, job_id, inputs):
-        future = asyncio.run_coroutine_threadsafe(self.batcher.infer(model.name, job_id, inputs), self.loop)
-        return future.result()
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _call(self, context, fn, *args):
-        self.loop = asyncio.get_running_loop()
+    async def _work(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def _call(self, context, steps, request):
+        """Run ``steps(request)`` with admission control and the error -> status mapping."""
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading; retry shortly")
+        if self.inflight >= self.max_inflight:
+            self.metrics.rejected.labels(getattr(request, "model", "") or "-").inc()
+            await self._refuse(context, Overloaded(
+                f"server: {self.inflight} calls in flight (bound --max-inflight {self.max_inflight}); "
+                "retry in 0.10s", 0.1))
+        self.inflight += 1
+        self.metrics.inflight.set(self.inflight)
         try:
-            return await self.loop.run_in_executor(self.pool, fn, *args)
-        except QueueFull as exc:
-            await context.send_initial_metadata((("retry-after-ms", str(int(exc.retry_after * 1000))),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return await steps(request)
+        except (QueueFull, Overloaded) as exc:
+            await self._refuse(context, exc)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # a server fault: say so, keep serving
+            log.exception("job=%s %s failed", getattr(request, "job_id", "") or "-", type(request).__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"server: {type(exc).__name__}: {exc}")
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.set(self.inflight)
 
-    def _count_cache(self, model: str, hits: int, misses: int) -> None:
+    async def _refuse(self, context, exc: QueueFull | Overloaded) -> None:
+        ms = str(max(1, int(exc.retry_after * 1000)))
+        context.set_trailing_metadata(tuple((k, ms) for k in RETRY_KEYS))
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+    def _count(self, model: str, job_id: str, hits: int, misses: int, examples: int) -> None:
         self.metrics.cache_hits.labels(model).inc(hits)
         self.metrics.cache_misses.labels(model).inc(misses)
         self.metrics.cache_bytes.set(self.engine.cache.bytes)
         self.metrics.cache_entries.set(len(self.engine.cache))
+        if examples:
+            self.metrics.examples.labels(self.metrics.job_label(job_id)).inc(examples)
 
-    def _select(self, request: pb.SelectRequest) -> pb.SelectResponse:
-        model = self.engine.model(request.model)
+    # -- Select ---------------------------------------------------------------------------
+
+    def _plan_select(self, request: pb.SelectRequest):
+        engine = self.engine
+        model = engine.model(request.model)
         learner = learner_from_proto(request.learner, model.contract.kind, request.model)
         inputs = codec.decode_map(request.inputs, "inputs")
-        if request.n_select == 0:
-            raise ValueError("n_select: must be between 1 and the super-batch size B, got 0")
-        result = self.engine.select(
+        plan = engine.plan_select(
             request.model, learner=learner, n_select=int(request.n_select), keys=list(request.keys) or None,
             inputs=inputs or None, score=request.score or "learnability", sampler=request.sampler or "joint",
             n_chunks=int(request.n_chunks) or 16, score_gain=float(request.score_gain) or 1.0,
-            seed=int(request.seed) if request.HasField("seed") else None, job_id=request.job_id)
-        self._count_cache(request.model, result.hits, result.misses)
-        self.metrics.examples.labels(request.job_id).inc(learner.batch_size)
+            seed=int(request.seed) if request.HasField("seed") else None)
+        if plan.run_inputs is None:  # everything cached: finish in the same hop
+            return plan, self._finish_select(request, plan, None)
+        return plan, None
+
+    def _finish_select(self, request: pb.SelectRequest, plan, fresh) -> pb.SelectResponse:
+        result: SelectResult = self.engine.finish_select(plan, fresh)
+        self._count(request.model, request.job_id, result.hits, result.misses, plan.learner.batch_size)
         sel = result.selection
         return pb.SelectResponse(indices=sel.indices.tolist(), mean_score=sel.mean_score,
                                  mean_score_all=sel.mean_score_all, cache_hits=result.hits,
                                  cache_misses=result.misses, model_version=result.version)
 
-    def _reference(self, request: pb.ReferenceRequest) -> pb.ReferenceResponse:
+    async def _planned(self, fn, request):
+        """Run a plan step, counted as 'arriving' so the batcher may wait for its rows."""
+        self.arriving += 1
+        try:
+            return await self._work(fn, request)
+        finally:
+            self.arriving -= 1
+
+    async def _select(self, request: pb.SelectRequest) -> pb.SelectResponse:
+        plan, response = await self._planned(self._plan_select, request)
+        if response is not None:
+            return response
+        fresh = await self.batcher.infer(plan.model.name, request.job_id, plan.run_inputs)
+        return await self._work(self._finish_select, request, plan, fresh)
+
+    async def Select(self, request, context):
+        return await self._call(context, self._select, request)
+
+    # -- Reference ------------------------------------------------------------------------
+
+    def _plan_reference(self, request: pb.ReferenceRequest):
         inputs = codec.decode_map(request.inputs, "inputs")
-        result = self.engine.reference(request.model, list(request.keys) or None, inputs or None, request.job_id)
-        self._count_cache(request.model, result.hits, result.misses)
+        return self.engine.plan_reference(request.model, list(request.keys) or None, inputs or None)
+
+    def _finish_reference(self, request: pb.ReferenceRequest, plan, fresh) -> pb.ReferenceResponse:
+        result = self.engine.complete_reference(plan, fresh)
+        self._count(request.model, request.job_id, result.hits, result.misses, 0)
         response = pb.ReferenceResponse(cache_hits=result.hits, cache_misses=result.misses,
                                         model_version=result.version)
         if request.return_outputs:
             codec.encode_map(result.outputs, response.outputs)
         return response
 
-    async def Select(self, request, context):
-        return await self._call(context, self._select, request)
+    async def _reference(self, request: pb.ReferenceRequest) -> pb.ReferenceResponse:
+        plan = await self._planned(self._plan_reference, request)
+        fresh = None
+        if plan.run_inputs is not None:
+            fresh = await self.batcher.infer(plan.model.name, request.job_id, plan.run_inputs)
+        return await self._work(self._finish_reference, request, plan, fresh)
 
     async def Reference(self, request, context):
         return await self._call(context, self._reference, request)
+
+    # -- ListModels -----------------------------------------------------------------------
 
     async def ListModels(self, request, context):
         if self.engine is None:

@@ -182,35 +182,62 @@ def wait_serving(target: str, timeout: float = 60.0, proc=None, tls_ca: bytes | 
     raise TimeoutError(f"scorer at {target} not SERVING after {timeout}s")
 
 
+def launch_server(log_dir, models: dict, *extra: str, port: int | None = None, wait: bool = True,
+                  env: dict | None = None, tls_ca: bytes | None = None) -> ServerProcess:
+    """Start ``python -m jest_stream.server`` on loopback (1 ORT thread, 8 workers, grace 10 s),
+    its log in ``log_dir``; with ``wait``, return once health says SERVING."""
+    port = port or free_port()
+    metrics_port = free_port()
+    args = [sys.executable, "-m", "jest_stream.server", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1",
+            "--intra-op-threads", "1", "--workers", "8", "--grace", "10"]
+    for name, path in models.items():
+        args += ["--model", f"{name}={path}"]
+    args += list(extra)
+    log_path = os.path.join(str(log_dir), f"server-{port}.log")
+    full_env = {**os.environ, **(env or {})}
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
+    server = ServerProcess(proc, port, metrics_port, log_path, args)
+    if wait:
+        try:
+            wait_serving(server.target, proc=proc, tls_ca=tls_ca)
+        except Exception:
+            server.stop(signal.SIGKILL, timeout=5)
+            raise RuntimeError(f"scorer did not start:\n{server.log()}") from None
+    return server
+
+
+def _server_factory(log_dir):
+    started: list[ServerProcess] = []
+
+    def start(models: dict, *extra: str, **kw) -> ServerProcess:
+        server = launch_server(log_dir, models, *extra, **kw)
+        started.append(server)
+        return server
+
+    return start, started
+
+
+def _stop_all(started: list[ServerProcess]) -> None:
+    for server in started:
+        server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM, timeout=5)
+
+
 @pytest.fixture
 def start_server(tmp_path):
     """Factory: ``start_server({"name": path}, *extra_flags, port=None, wait=True, env=None)``
     starts ``python -m jest_stream.server`` on loopback and returns a ServerProcess; all
     are stopped at teardown."""
-    started: list[ServerProcess] = []
-
-    def start(models: dict, *extra: str, port: int | None = None, wait: bool = True,
-              env: dict | None = None, tls_ca: bytes | None = None) -> ServerProcess:
-        port = port or free_port()
-        metrics_port = free_port()
-        args = [sys.executable, "-m", "jest_stream.server", "--host", "127.0.0.1", "--port", str(port),
-                "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1",
-                "--intra-op-threads", "1", "--workers", "8", "--grace", "10"]
-        for name, path in models.items():
-            args += ["--model", f"{name}={path}"]
-        args += list(extra)
-        log_path = str(tmp_path / f"server-{port}-{len(started)}.log")
-        full_env = {**os.environ, **(env or {})}
-        proc = subprocess.Popen(args, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=full_env)
-        server = ServerProcess(proc, port, metrics_port, log_path, args)
-        started.append(server)
-        if wait:
-            try:
-                wait_serving(server.target, proc=proc, tls_ca=tls_ca)
-            except Exception:
-                raise RuntimeError(f"scorer did not start:\n{server.log()}") from None
-        return server
-
+    start, started = _server_factory(tmp_path)
     yield start
-    for server in started:
-        server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM, timeout=5)
+    _stop_all(started)
+
+
+@pytest.fixture(scope="module")
+def start_module_server(tmp_path_factory):
+    """``start_server`` for a whole test module: one scorer shared by the module's tests,
+    stopped after its last test."""
+    start, started = _server_factory(tmp_path_factory.mktemp("servers"))
+    yield start
+    _stop_all(started)

@@ -1,0 +1,238 @@
+"""``jest-stream demo``: does online data selection speed up learning? Measured, not assumed.
+
+On scikit-learn's handwritten digits with a fraction of the training data corrupted
+(labels flipped, or pairs mismatched with ``--task contrastive``), the demo
+
+1. writes the training split as WebDataset shards and reads them back;
+2. trains a reference model on a small clean split and exports it to ONNX with the
+   project's export helper;
+3. trains the same learner with ``uniform``, ``learnability + topk`` (RHO-LOSS) and
+   ``learnability + joint`` (JEST) sub-batches, through JESTLoader and the embedded
+   scorer (``--remote``: a local gRPC scoring server, started and stopped here), over
+   several seeds;
+4. prints a table (or ``--json``) and writes a PNG of the test metric against steps.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TASKS = ("classification", "contrastive")
+METHODS = ("uniform", "topk", "joint")
+MODEL_NAME = "reference"
+
+
+def _task(name: str):
+    if name == "classification":
+        from jest_stream.client.demo_classification import TASK
+    else:
+        from jest_stream.client.demo_contrastive import TASK
+    return TASK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jest-stream demo",
+        description="Train on noisy digits with uniform, RHO-LOSS (learnability + topk) and JEST "
+                    "(learnability + joint) selection; print a table and write a PNG.")
+    p.add_argument("--task", choices=TASKS, default="classification",
+                   help="classification (flipped labels) or contrastive (mismatched pairs, two towers)")
+    p.add_argument("--noise", type=float, default=0.3,
+                   help="fraction of training labels flipped / pairs mismatched (default 0.3)")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds per method (default 5)")
+    p.add_argument("--steps", type=int, help="learner steps (sub-batches) per run (default 600; contrastive 400)")
+    p.add_argument("--super-batch", type=int, help="super-batch size B (default 160)")
+    p.add_argument("--filter-ratio", type=float, default=0.8,
+                   help="fraction f of each super-batch dropped; b = (1 - f) B (default 0.8)")
+    p.add_argument("--lr", type=float, help="learner learning rate, Adam (default 0.002)")
+    p.add_argument("--score-gain", type=float, help="multiplier on scores before joint sampling (default 2; contrastive 1)")
+    p.add_argument("--n-chunks", type=int, help="chunks of the joint sampler (default 16)")
+    p.add_argument("--eval-every", type=int, help="evaluate the test metric every N steps (default 10)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of uniform,topk,joint (uniform is always run)")
+    p.add_argument("--remote", action="store_true",
+                   help="start a local gRPC scoring server and select through it")
+    p.add_argument("--out", default="jest-stream-demo",
+                   help="folder for shards, the reference model and the PNG (default ./jest-stream-demo)")
+    p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (default 1)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    p.add_argument("--curves", action="store_true", help="with --json, include the per-step curves")
+    return p
+
+
+def _config(args: argparse.Namespace, defaults: dict):
+    from jest_stream.client.demo_training import TrainConfig
+
+    big_b = args.super_batch or defaults["super_batch"]
+    if not 0.0 <= args.filter_ratio < 1.0:
+        raise SystemExit(f"--filter-ratio: expected a fraction in [0, 1), got {args.filter_ratio}")
+    small_b = max(1, int(round((1.0 - args.filter_ratio) * big_b)))
+    return TrainConfig(
+        steps=args.steps or defaults["steps"], super_batch=big_b, sub_batch=small_b,
+        lr=args.lr or defaults["lr"],
+        score_gain=defaults["score_gain"] if args.score_gain is None else args.score_gain,
+        n_chunks=args.n_chunks or defaults["n_chunks"],
+        eval_every=args.eval_every or defaults["eval_every"],
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def local_server(model_path: str, log_path: str, threads: int = 1,
+                 timeout: float = 60.0) -> Iterator[str]:
+    """Start ``python -m jest_stream.server`` on a free loopback port serving the reference
+    model; yield its target once its health service says SERVING; stop it (SIGTERM) on exit."""
+    import grpc
+
+    from jest_stream.server.health_probe import check
+
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "jest_stream.server", "--model", f"{MODEL_NAME}={model_path}",
+           "--host", "127.0.0.1", "--port", str(port), "--intra-op-threads", str(threads)]
+    with open(log_path, "ab") as server_log:
+        proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"--remote: the scoring server exited with code {proc.returncode}; "
+                                   f"see {log_path}")
+            try:
+                if check(target, timeout=1.0) == "SERVING":
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"--remote: the scoring server on {target} is not SERVING after "
+                                   f"{timeout:.0f} s; see {log_path}")
+            time.sleep(0.1)
+        log.info("scoring server pid %d on %s", proc.pid, target)
+        yield target
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the demo described by parsed ``args``; return the summary (see demo_report)."""
+    import numpy as np
+    import torch
+
+    from jest_stream.client.demo_data import read_shards, write_shards
+    from jest_stream.client.demo_report import MethodRuns, plot, summarize
+    from jest_stream.client.demo_training import SuperBatches, test_tensors, train_run
+    from jest_stream.client.scorer import LocalScorer
+
+    torch.set_num_threads(max(1, args.threads))
+    task = _task(args.task)
+    config = _config(args, task.defaults)
+    methods = ["uniform"] + [m for m in args.methods.split(",") if m and m != "uniform"]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; expected a subset of {','.join(METHODS)}")
+    if not 0.0 <= args.noise < 1.0:
+        raise SystemExit(f"--noise: expected a fraction in [0, 1), got {args.noise}")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds: expected at least 1, got {args.seeds}")
+    seeds = list(range(args.seeds))
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+
+    started = time.perf_counter()
+    data = task.make_data(args.noise, 0)
+    shard_dir = os.path.join(out, f"shards-{task.name}")
+    for old in glob.glob(os.path.join(shard_dir, "train-*.tar")):  # a previous run's shards
+        os.remove(old)
+    shards = write_shards(data.train, shard_dir, prefix="train", fields=task.fields)
+    keys, columns = read_shards(shards)
+    train = SuperBatches(keys, columns)
+    corrupted = dict(zip(data.train.keys, (bool(c) for c in data.train.corrupted)))
+    test = test_tensors(data.test, task.fields)
+
+    reference = task.train_reference(data.reference, 0)
+    reference_metric = task.evaluate(reference, test)
+    model_path = task.export(reference, os.path.join(out, f"reference-{task.name}.onnx"))
+    log.info("%d shards in %s; reference %s on the clean test split: %.4f; exported to %s",
+             len(shards), shard_dir, task.metric, reference_metric, model_path)
+
+    runs: dict[str, MethodRuns] = {}
+    with contextlib.ExitStack() as stack:
+        if args.remote:
+            from jest_stream.client.remote import RemoteScorer
+
+            target = stack.enter_context(local_server(model_path, os.path.join(out, "server.log"),
+                                                      args.threads))
+            scorer: Any = RemoteScorer(target)
+        else:
+            scorer = LocalScorer(model_path, name=MODEL_NAME, intra_op_threads=max(1, args.threads))
+        stack.callback(scorer.close)
+        for method in methods:
+            for seed in seeds:
+                result = train_run(task, train, corrupted, test, scorer, method=method, seed=seed,
+                                   config=config, model_name=MODEL_NAME)
+                runs.setdefault(method, MethodRuns(method, np.asarray(result.steps)))
+                r = runs[method]
+                r.curves.append(result.values)
+                r.corrupted_selected.append(result.corrupted_selected)
+                r.seconds.append(result.seconds)
+                r.fallbacks.append(result.fallbacks)
+                log.info("%s seed %d: final %s %.4f, corrupted chosen %.1f%%, %.1f s", method, seed,
+                         task.metric, result.values[-1], 100 * result.corrupted_selected, result.seconds)
+
+    n_train = len(keys)
+    cfg = {
+        "description": task.description.format(noise=args.noise),
+        "noise": args.noise, "super_batch": config.super_batch, "sub_batch": config.sub_batch,
+        "filter_ratio": round(config.filter_ratio, 4), "steps": config.steps, "lr": config.lr,
+        "score_gain": config.score_gain, "n_chunks": config.n_chunks, "eval_every": config.eval_every,
+        "seeds": seeds, "scorer": "remote (local gRPC server)" if args.remote else "embedded",
+        "n_train": n_train, "n_reference": len(data.reference), "n_test": len(data.test),
+        "reference_metric": reference_metric, "shards": len(shards),
+    }
+    summary = summarize(runs, task=task.name, metric=task.metric, config=cfg,
+                        reference_training_F=3.0 * task.reference_train_examples, cache_fill_F=1.0 * n_train)
+    summary["plot"] = plot(runs, summary, os.path.join(out, f"demo-{task.name}.png"))
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``jest-stream demo``; prints the table (or JSON) and returns 0."""
+    from jest_stream.client.demo_report import format_table, to_json
+
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.json:  # keep stdout clean for the JSON
+        logging.getLogger().setLevel(logging.WARNING)
+    summary = run(args)
+    if args.json:
+        print(to_json(summary, curves=args.curves))
+    else:
+        print(format_table(summary))
+        print(f"({summary['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""JESTLoader: wraps any iterable of super-batches and yields selected sub-batches.
+
+Each step: fetch super-batch t (already fetched one step ahead, its reference outputs
+already requested), score it with the learner's current parameters (``score_fn``,
+no grad), ask the scorer for b indices, and yield the sub-batch with the input's own
+structure. Before yielding, super-batch t+1 is fetched and its reference outputs
+are prefetched, so that they are computed while the user trains on sub-batch t.
+
+Reproducible: the sampler's seed of step t is derived from (seed, rank, t) with
+numpy's SeedSequence, so a resumed run (``load_state_dict``) selects the same
+sub-batches as an uninterrupted one, given the same data order and learner. When
+the scorer is unreachable or fails, ``fallback="uniform"`` selects b examples
+uniformly with that same seed (and counts it); ``fallback="raise"`` raises.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from jest_stream.client.batches import batch_size, fields_by_name, keys_of, take, to_numpy
+from jest_stream.client.scorer import (ModelSpec, Scorer, ScorerRejected, ScorerUnavailable,
+                                       SelectCall, resolve_model)
+from jest_stream.client.scoring import as_learner_scores
+from jest_stream.client.stats import LoaderStats
+from jest_stream.samplers import DEFAULT_N_CHUNKS, SAMPLERS, uniform
+from jest_stream.scores import SCORES, Embeddings, Losses, check_name
+from jest_stream.selection import make_rng
+
+log = logging.getLogger(__name__)
+
+FALLBACKS = ("uniform", "raise")
+STATE_VERSION = 1
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The sampler seed of one step of one rank: SeedSequence(seed, spawn_key=(rank, step))."""
+    state = np.random.SeedSequence(seed, spawn_key=(rank, step)).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed, or (0, 1) when it is not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _finite(learner: Losses | Embeddings) -> bool:
+    if isinstance(learner, Losses):
+        return bool(np.all(np.isfinite(learner.values)))
+    return bool(np.all(np.isfinite(learner.image)) and np.all(np.isfinite(learner.text))
+                and np.isfinite(learner.logit_scale) and np.isfinite(learner.logit_bias))
+
+
+class _SuperBatch:
+    """A fetched super-batch: the batch, its size, keys, lazily built reference
+    inputs and the handle of its reference prefetch."""
+
+    __slots__ = ("batch", "size", "keys", "prefetched", "prefetch_error", "_inputs", "_make_inputs")
+
+    def __init__(self, batch: Any, size: int, keys: list[str] | None,
+                 make_inputs: Callable[[Any], dict[str, np.ndarray]]):
+        self.batch, self.size, self.keys = batch, size, keys
+        self.prefetched: Any = None
+        self.prefetch_error: str | None = None
+        self._inputs: dict[str, np.ndarray] | None = None
+        self._make_inputs = make_inputs
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        if self._inputs is None:
+            self._inputs = self._make_inputs(self.batch)
+        return self._inputs
+
+
+class _Breaker:
+    """After a scorer failure, skip the scorer for ``retry_after`` seconds (each skip
+    is a counted fallback), then try it again: a dead scorer costs one timed-out or
+    refused call per ``retry_after`` seconds, not one per step."""
+
+    def __init__(self, retry_after: float):
+        self.retry_after = retry_after
+        self.until = 0.0
+        self.error = ""
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self.until
+
+    def trip(self, error: Exception) -> None:
+        self.until = time.monotonic() + self.retry_after
+        self.error = str(error)
+
+    def reset(self) -> None:
+        self.until = 0.0
+
+
+class JESTLoader:
+    """Online data selection (JEST / RHO-LOSS) around any iterable of super-batches.
+
+    ``loader`` yields super-batches of B examples (a DataLoader, a WebLoader, a
+    generator); ``score_fn(batch)`` returns the learner's Losses/Embeddings for one
+    (see jest_stream.client.scoring); ``scorer`` is a LocalScorer or RemoteScorer.
+    Each yielded sub-batch holds ``n_select`` examples, or (1 - filter_ratio) * B.
+
+    ``key``: a field holding one key per example (``"__key__"``, WebDataset's, by
+    default) or a function batch -> keys; without keys the scorer's reference cache
+    is not used and reference inputs are sent every step. ``reference_inputs``:
+    function batch -> {model input name: array}; by default, dict fields named like
+    the model's inputs, or a tuple batch's items in input order.
+
+    Resuming (``state_dict``/``load_state_dict``) needs ``loader`` to yield the same
+    super-batches in the same order when iterated again (a seeded sampler), unless it
+    has a ``state_dict`` of its own (torchdata's StatefulDataLoader).
+    """
+
+    def __init__(self, loader: Iterable[Any], score_fn: Callable[[Any], Any], scorer: Scorer, *,
+                 model: str | None = None, filter_ratio: float = 0.8, n_select: int | None = None,
+                 score: str = "learnability", sampler: str = "joint",
+                 n_chunks: int = DEFAULT_N_CHUNKS, score_gain: float = 1.0, seed: int | None = None,
+                 key: str | Callable[[Any], Any] | None = "__key__",
+                 reference_inputs: Callable[[Any], Mapping[str, Any]] | None = None,
+                 prefetch: bool = True, fallback: str = "uniform", retry_after: float = 2.0,
+                 job: str | None = None, log_every: int = 0):
+        check_name(score, SCORES, "score")
+        check_name(sampler, SAMPLERS, "sampler")
+        check_name(fallback, FALLBACKS, "fallback")
+        if not 0.0 <= filter_ratio < 1.0:
+            raise ValueError(f"filter_ratio: the fraction of each super-batch dropped must be in "
+                             f"[0, 1), got {filter_ratio}")
+        if n_select is not None and (isinstance(n_select, bool) or int(n_select) != n_select
+                                     or n_select < 1):
+            raise ValueError(f"n_select: expected an integer >= 1 or None, got {n_select!r}")
+        if seed is not None and (isinstance(seed, bool) or int(seed) != seed or seed < 0):
+            raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
+        if not callable(score_fn):
+            raise TypeError(f"score_fn: expected a callable batch -> learner scores, got "
+                            f"{type(score_fn).__name__}")
+        for method in ("models", "prefetch", "select"):
+            if not callable(getattr(scorer, method, None)):
+                raise TypeError(f"scorer: {type(scorer).__name__} has no {method}(); pass a "
+                                "LocalScorer or RemoteScorer")
+        self._loader = loader
+        self._score_fn = score_fn
+        self._scorer = scorer
+        self._model = model
+        self.filter_ratio = float(filter_ratio)
+        self.n_select = None if n_select is None else int(n_select)
+        self.score, self.sampler = score, sampler
+        self.n_chunks, self.score_gain = int(n_chunks), float(score_gain)
+        self.seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy)
+        self._key = key
+        self._reference_inputs = reference_inputs
+        self.prefetch = bool(prefetch)
+        self.fallback = fallback
+        self._breaker = _Breaker(float(retry_after))
+        self._job = job
+        self.log_every = int(log_every)
+        self.stats = LoaderStats()
+        self._spec: ModelSpec | None = None
+        self._rank: tuple[int, int] | None = None
+        self._job_id: str | None = None
+        self._step = 0
+        self._epoch = 0
+        self._consumed = 0
+        self._skip = 0
+        self._resuming = False
+        self._inner_state: Any = None
+        self._warned_no_keys = False
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self._ranks()[0]
+
+    @property
+    def world_size(self) -> int:
+        return self._ranks()[1]
+
+    def _ranks(self) -> tuple[int, int]:
+        if self._rank is None:
+            self._rank = distributed_rank()
+        return self._rank
+
+    @property
+    def job_id(self) -> str:
+        """``<job>/rank<r>of<w>``: job from ``job=``, $JEST_JOB_ID, $TORCHELASTIC_RUN_ID or host-pid."""
+        if self._job_id is None:
+            base = (self._job or os.environ.get("JEST_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+                    or f"{socket.gethostname()}-{os.getpid()}")
+            rank, world = self._ranks()
+            self._job_id = f"{base}/rank{rank}of{world}"
+        return self._job_id
+
+    @property
+    def step(self) -> int:
+        """Sub-batches yielded so far, over all epochs (the seed's step counter)."""
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __len__(self) -> int:
+        return len(self._loader)  # type: ignore[arg-type]
+
+    # -- iteration --------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._run_epoch()
+
+    def _open(self) -> Iterator[Any]:
+        skip, self._skip = self._skip, 0
+        source = iter(self._loader)
+        for done in range(skip):  # resume mid-epoch: replay the consumed super-batches
+            try:
+                next(source)
+            except StopIteration:
+                log.warning("resume: the loader ended after %d of %d consumed super-batches", done, skip)
+                break
+        return source
+
+    def _run_epoch(self) -> Iterator[Any]:
+        self._ranks()
+        if not self._resuming:
+            self._consumed = 0
+        self._resuming = False
+        source = self._open()
+        ahead = self._fetch(source)
+        while ahead is not None:
+            started = time.perf_counter()
+            sub_batch = self._select(ahead)
+            self._consumed += 1
+            self._step += 1
+            if hasattr(self._loader, "state_dict"):
+                self._inner_state = self._loader.state_dict()  # type: ignore[attr-defined]
+            self.stats.total_seconds += time.perf_counter() - started
+            ahead = self._fetch(source)
+            if self.log_every and self.stats.sub_batches % self.log_every == 0:
+                log.info("%s: %s", self.job_id, self.stats.summary())
+            yield sub_batch
+        self._epoch += 1
+        self._consumed = 0
+        self._inner_state = None
+
+    def _fetch(self, source: Iterator[Any]) -> _SuperBatch | None:
+        """The next super-batch, with its reference outputs requested (prefetch)."""
+        started = time.perf_counter()
+        try:
+            batch = next(source)
+        except StopIteration:
+            return None
+        size = batch_size(batch)
+        keys = keys_of(batch, self._key, size)
+        if keys is None and not self._warned_no_keys and self._key is not None:
+            log.info("batches have no %r field: the reference cache is not used (pass key=...)", self._key)
+            self._warned_no_keys = True
+        item = _SuperBatch(batch, size, keys, self._inputs_of)
+        if self.prefetch and keys and not (self.fallback == "uniform" and self._breaker.is_open()):
+            try:
+                spec = self._model_spec()
+                item.prefetched = self._scorer.prefetch(spec.name, self.job_id, keys, item.inputs)
+            except ScorerUnavailable as exc:  # the Select will fall back; counted there
+                log.debug("reference prefetch failed: %s", exc)
+                item.prefetch_error = str(exc)
+                self._breaker.trip(exc)
+        elapsed = time.perf_counter() - started
+        self.stats.fetch_seconds += elapsed
+        self.stats.total_seconds += elapsed
+        return item
+
+    def _model_spec(self) -> ModelSpec:
+        if self._spec is None:
+            self._spec = resolve_model(self._scorer, self._model)
+        return self._spec
+
+    def _inputs_of(self, batch: Any) -> dict[str, np.ndarray]:
+        spec = self._model_spec()
+        names = list(spec.inputs)
+        raw = (self._reference_inputs(batch) if self._reference_inputs is not None
+               else fields_by_name(batch, names))
+        missing = [n for n in names if n not in raw]
+        if missing:
+            raise ValueError(f"reference_inputs: returned {sorted(raw)} but model {spec.name!r} needs "
+                             f"inputs {names}")
+        return {n: to_numpy(raw[n], spec.inputs[n][0], f"reference_inputs[{n!r}]") for n in names}
+
+    def _sub_batch_size(self, size: int) -> int:
+        if self.n_select is not None:
+            return min(self.n_select, size)
+        return max(1, int(round((1.0 - self.filter_ratio) * size)))
+
+    def _select(self, item: _SuperBatch) -> Any:
+        n_select = self._sub_batch_size(item.size)
+        started = time.perf_counter()
+        with torch.no_grad():
+            learner = as_learner_scores(self._score_fn(item.batch))
+        self.stats.learner_seconds += time.perf_counter() - started
+        if learner.batch_size != item.size:
+            raise ValueError(f"score_fn: scored {learner.batch_size} examples of a super-batch of "
+                             f"B={item.size}; it must score every example of the batch it is given")
+        seed = step_seed(self.seed, self.rank, self._step)
+        indices = None
+        if not _finite(learner):
+            if self.fallback == "raise":
+                raise ValueError(f"score_fn: learner scores of step {self._step} hold NaN or inf "
+                                 "(fallback='raise')")
+            self._fall_back("nonfinite_learner_scores", "learner scores hold NaN or inf")
+        elif self.fallback == "uniform" and self._breaker.is_open():
+            if item.prefetch_error is not None:  # this super-batch's own call failed
+                self._fall_back("scorer_unavailable", item.prefetch_error)
+            else:
+                self._fall_back("scorer_down", f"skipping the scorer for {self._breaker.retry_after:g}s "
+                                f"after: {self._breaker.error}")
+        else:
+            indices = self._call_scorer(item, learner, n_select, seed)
+        if indices is None:
+            indices = uniform(item.size, n_select, make_rng(seed))
+        self.stats.record_selection(item.size, len(indices))
+        return take(item.batch, indices, item.size)
+
+    def _call_scorer(self, item: _SuperBatch, learner: Losses | Embeddings, n_select: int,
+                     seed: int) -> np.ndarray | None:
+        started = time.perf_counter()
+        try:
+            spec = self._model_spec()
+            outcome = self._scorer.select(SelectCall(
+                model=spec.name, job_id=self.job_id, learner=learner, n_select=n_select,
+                keys=item.keys, inputs=item.inputs, score=self.score, sampler=self.sampler,
+                n_chunks=self.n_chunks, score_gain=self.score_gain, seed=seed), item.prefetched)
+        except ScorerUnavailable as exc:
+            self._breaker.trip(exc)
+            if self.fallback == "raise":
+                raise ScorerUnavailable(f"{exc} (fallback='raise'; pass fallback='uniform' to keep "
+                                        "training on uniform sub-batches while the scorer is down)") from exc
+            self._fall_back("scorer_unavailable", str(exc))
+            return None
+        except ScorerRejected:
+            raise  # configuration errors (unknown model, bad inputs, token): retrying will not help
+        self.stats.record_latency(time.perf_counter() - started)
+        self._breaker.reset()
+        indices = np.asarray(outcome.indices, dtype=np.int64)
+        if indices.shape != (n_select,) or (indices.size and not 0 <= indices.min() <= indices.max() < item.size):
+            raise ScorerRejected(f"scorer: answered {indices.size} indices in [{indices.min(initial=0)}, "
+                                 f"{indices.max(initial=0)}] for n_select={n_select} of B={item.size}")
+        self.stats.record_score(outcome.mean_score, outcome.mean_score_all, outcome.cache_hits,
+                                outcome.cache_misses)
+        return indices
+
+    def _fall_back(self, reason: str, detail: str) -> None:
+        self.stats.record_fallback(reason)
+        count = self.stats.fallbacks
+        if count <= 3 or count % 100 == 0:
+            log.warning("%s: uniform sub-batch at step %d (fallback %d, %s): %s", self.job_id,
+                        self._step, count, reason, detail)
+
+    # -- resume -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader is: seed, step, epoch, super-batches consumed in the epoch,
+        the wrapped loader's own state if it has one, and the stats."""
+        rank, world = self._ranks()
+        return {
+            "version": STATE_VERSION, "seed": self.seed, "rank": rank, "world_size": world,
+            "step": self._step, "epoch": self._epoch, "consumed": self._consumed,
+            "inner": self._inner_state if self._consumed else None,
+            "stats": self.stats.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the next ``iter(loader)`` continues mid-epoch where ``state`` was taken."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"state: version {state.get('version')!r} is not {STATE_VERSION}; it was "
+                             "saved by an incompatible jest-stream")
+        rank, world = self._ranks()
+        if (state["rank"], state["world_size"]) != (rank, world):
+            log.warning("resume: state was saved by rank %s of %s, loaded by rank %d of %d; "
+                        "selections will differ from the interrupted run",
+                        state["rank"], state["world_size"], rank, world)
+        self.seed = int(state["seed"])
+        self._step = int(state["step"])
+        self._epoch = int(state["epoch"])
+        self._consumed = int(state["consumed"])
+        inner = state.get("inner")
+        if inner is not None and hasattr(self._loader, "load_state_dict"):
+            self._loader.load_state_dict(inner)  # type: ignore[attr-defined]
+            self._skip = 0
+        else:
+            self._skip = self._consumed
+        self._inner_state = inner
+        self._resuming = True
+        self.stats = LoaderStats()
+        self.stats.load_state_dict(state.get("stats", {}))

@@ -1,0 +1,400 @@
+"""RemoteScorer: the shared gRPC scoring server, spoken to over grpc.aio.
+
+The channel lives on a background event-loop thread (uvloop when installed), so the
+training loop calls plain blocking methods while prefetches run concurrently. That
+thread and the channel are created on first use, in the process that uses them: a
+RemoteScorer built before DataLoader workers fork holds no gRPC state, and a forked
+child that uses one gets its own (fork safety).
+
+Targets: ``"host:port"``, a ``"dns:///name:port"`` name (e.g. a Kubernetes headless
+Service) or a list of ``host:port`` addresses; every target uses gRPC's own
+``round_robin`` policy. Every call has a deadline; UNAVAILABLE is retried with
+exponential backoff by gRPC's retry policy (service config), and a dropped
+connection is re-established by gRPC in the background.
+
+Bandwidth: with a single-address target the client remembers which keys it has
+already sent to the server (by a successful Reference or Select), and sends Selects
+for such super-batches without their inputs; if the server evicted them it answers
+INVALID_ARGUMENT and the Select is resent with inputs. With several replicas behind
+the target each may hold different keys, so inputs are always sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import ipaddress
+import json
+import logging
+import os
+import socket
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from jest_stream import codec
+from jest_stream.client.scorer import (InputsFn, KeyMemory, ModelSpec, ScorerRejected, ScorerUnavailable,
+                                       SelectCall, SelectOutcome)
+from jest_stream.scores import Embeddings, Losses
+from jest_stream.v1 import scorer_pb2 as pb
+from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = "jest_stream.v1.Scorer"
+# Codes after which a later call may succeed: the loader's fallback covers these.
+TRANSIENT = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+})
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"target: {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def channel_target(target: str | Sequence[str]) -> tuple[str, bool]:
+    """The gRPC target string for ``target`` and whether it may name several servers.
+
+    A list of ``host:port`` (or a comma-separated string) becomes ``ipv4:a:p,b:p``
+    (or ``ipv6:``), resolving host names; a ``dns:``/``ipv4:``/... URI passes as is.
+    """
+    if isinstance(target, str):
+        target = target.strip()
+        if target.startswith(_SCHEMES):
+            single = not target.startswith("dns:") and "," not in target
+            return target, single
+        addresses = [a for a in target.split(",") if a.strip()]
+    else:
+        addresses = list(target)
+    if not addresses:
+        raise ValueError("target: no address given; expected host:port, dns:///name:port or a list")
+    if len(addresses) == 1:
+        return addresses[0].strip(), True
+    resolved: list[tuple[int, str, int]] = []
+    for address in addresses:
+        host, port = _split_host_port(address)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first
+            ip = ipaddress.ip_address(infos[0][4][0])
+        resolved.append((ip.version, str(ip), port))
+    versions = {v for v, _, _ in resolved}
+    if len(versions) != 1:
+        raise ValueError(f"target: {addresses} mixes IPv4 and IPv6 addresses; gRPC needs one family")
+    if versions == {4}:
+        return "ipv4:" + ",".join(f"{ip}:{port}" for _, ip, port in resolved), False
+    return "ipv6:" + ",".join(f"[{ip}]:{port}" for _, ip, port in resolved), False
+
+
+def service_config(max_attempts: int, initial_backoff: float, max_backoff: float) -> str:
+    """gRPC service config: retry UNAVAILABLE with backoff, round_robin over addresses."""
+    method: dict[str, Any] = {"name": [{"service": SERVICE}]}
+    if max_attempts > 1:
+        method["retryPolicy"] = {
+            "maxAttempts": int(max_attempts),
+            "initialBackoff": f"{initial_backoff:.3f}s",
+            "maxBackoff": f"{max_backoff:.3f}s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return json.dumps({"methodConfig": [method], "loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def _credentials(tls: bool | str | os.PathLike | grpc.ChannelCredentials | None):
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    if isinstance(tls, grpc.ChannelCredentials):
+        return tls
+    root = Path(tls)
+    if not root.is_file():
+        raise FileNotFoundError(f"tls: CA certificate file {str(root)!r} does not exist; pass tls=True "
+                                "for the system roots or a grpc.ChannelCredentials")
+    return grpc.ssl_channel_credentials(root_certificates=root.read_bytes())
+
+
+def encode_learner(learner: Losses | Embeddings, out: pb.LearnerScores) -> None:
+    """Fill a LearnerScores message from Losses or Embeddings."""
+    if isinstance(learner, Losses):
+        codec.encode(np.asarray(learner.values, dtype=np.float32), out.losses)
+    else:
+        codec.encode(np.asarray(learner.image, dtype=np.float32), out.image_embeds)
+        codec.encode(np.asarray(learner.text, dtype=np.float32), out.text_embeds)
+        out.logit_scale = float(learner.logit_scale)
+        out.logit_bias = float(learner.logit_bias)
+
+
+def _spec_from_proto(info: pb.ModelInfo) -> ModelSpec:
+    inputs = {}
+    for spec in info.inputs:
+        name = pb.DataType.Name(spec.dtype).removeprefix("DT_").lower()
+        inputs[spec.name] = (np.dtype(name), tuple(int(n) for n in spec.shape))
+    return ModelSpec(info.name, info.kind, inputs, info.version, float(info.logit_scale),
+                     float(info.logit_bias))
+
+
+@dataclass
+class _Runtime:
+    pid: int
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    channel: grpc.aio.Channel
+    stub: pb_grpc.ScorerStub
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # e.g. Windows: the standard loop works too
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+
+
+_LIVE: weakref.WeakSet[RemoteScorer] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for scorer in list(_LIVE):
+        scorer.close()
+
+
+class RemoteScorer:
+    """A client of the shared scoring server (``python -m jest_stream.server``).
+
+    ``target``: ``host:port``, ``dns:///name:port`` or a list of addresses
+    (round_robin). ``token``: bearer token the server was started with. ``tls``:
+    True (system roots), a CA certificate path or grpc.ChannelCredentials.
+    ``timeout``: deadline of every call in seconds, retries included.
+    ``max_message_bytes``: gRPC send/receive limit (the server's must be as large).
+    """
+
+    def __init__(self, target: str | Sequence[str], token: str | None = None,
+                 tls: bool | str | os.PathLike | grpc.ChannelCredentials | None = None, *,
+                 timeout: float = 10.0, max_message_bytes: int = 256 << 20, max_attempts: int = 4,
+                 initial_backoff: float = 0.05, max_backoff: float = 1.0,
+                 reconnect_backoff_max: float = 5.0, remember_keys: int = 1 << 20,
+                 omit_cached_inputs: bool | None = None,
+                 channel_options: Sequence[tuple[str, Any]] = ()):
+        if timeout <= 0:
+            raise ValueError(f"timeout: must be > 0 seconds, got {timeout}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts: must be >= 1, got {max_attempts}")
+        self.target = target if isinstance(target, str) else list(target)
+        self.timeout = float(timeout)
+        self.max_message_bytes = int(max_message_bytes)
+        self._token = token
+        self._tls = tls
+        self._service_config = service_config(max_attempts, initial_backoff, max_backoff)
+        self._reconnect_max_ms = int(reconnect_backoff_max * 1000)
+        self._extra_options = list(channel_options)
+        self._omit = omit_cached_inputs
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._remember_keys = int(remember_keys)
+        self._known = KeyMemory(self._remember_keys)
+        self._lock = threading.Lock()
+        self._runtime: _Runtime | None = None
+        self._models: dict[str, ModelSpec] | None = None
+        self._grpc_target: str | None = None
+        _LIVE.add(self)
+
+    def __repr__(self) -> str:
+        return f"RemoteScorer({self.target!r})"
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_lock=None, _runtime=None, _models=None, _known=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._known = KeyMemory(self._remember_keys)
+        _LIVE.add(self)
+
+    # -- runtime: loop thread + channel, per process ------------------------------------
+
+    def _options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.service_config", self._service_config),
+            ("grpc.enable_retries", 1),
+            ("grpc.per_rpc_retry_buffer_size", self.max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", max(self._reconnect_max_ms, 100)),
+            ("grpc.lb_policy_name", "round_robin"),
+            *self._extra_options,
+        ]
+
+    def _ensure(self) -> _Runtime:
+        runtime = self._runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            return runtime
+        with self._lock:
+            runtime = self._runtime
+            if runtime is not None and runtime.pid == os.getpid():
+                return runtime
+            # A runtime from another pid was inherited through fork: its thread does not
+            # exist here, so it is dropped, never touched.
+            self._models = None
+            try:
+                target, single = channel_target(self.target)
+            except (OSError, ValueError) as exc:
+                raise ScorerUnavailable(f"target {self.target!r}: cannot resolve ({exc})") from exc
+            self._grpc_target = target
+            if self._omit is None:
+                self._omit = single
+            credentials = _credentials(self._tls)
+            options = self._options()
+            loop = _new_loop()
+            thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True,
+                                      name="jest-stream-grpc")
+            thread.start()
+
+            async def open_channel():
+                if credentials is None:
+                    channel = grpc.aio.insecure_channel(target, options=options)
+                else:
+                    channel = grpc.aio.secure_channel(target, credentials, options=options)
+                return channel, pb_grpc.ScorerStub(channel)
+
+            channel, stub = asyncio.run_coroutine_threadsafe(open_channel(), loop).result()
+            self._runtime = _Runtime(os.getpid(), loop, thread, channel, stub)
+            log.debug("scorer channel to %s opened (pid %d)", target, os.getpid())
+            return self._runtime
+
+    def _submit(self, method: str, request: Any) -> concurrent.futures.Future:
+        runtime = self._ensure()
+        rpc = getattr(runtime.stub, method)
+
+        async def call():
+            return await rpc(request, timeout=self.timeout, metadata=self._metadata)
+
+        return asyncio.run_coroutine_threadsafe(call(), runtime.loop)
+
+    def _wait(self, future: concurrent.futures.Future, what: str) -> Any:
+        try:
+            return future.result(timeout=self.timeout + 5.0)
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc, what) from exc
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise ScorerUnavailable(f"scorer {self.target!r}: {what} got no answer within "
+                                    f"{self.timeout:.1f}s") from exc
+
+    def _translate(self, exc: grpc.aio.AioRpcError, what: str) -> Exception:
+        code, details = exc.code(), exc.details()
+        message = f"scorer {self.target!r}: {what} failed with {code.name}: {details}"
+        if code in TRANSIENT:
+            return ScorerUnavailable(message)
+        return ScorerRejected(message)
+
+    def _call(self, method: str, request: Any) -> Any:
+        return self._wait(self._submit(method, request), method)
+
+    # -- the Scorer interface ----------------------------------------------------------
+
+    def models(self) -> dict[str, ModelSpec]:
+        self._ensure()
+        if self._models is None:
+            reply = self._call("ListModels", pb.ListModelsRequest())
+            self._models = {info.name: _spec_from_proto(info) for info in reply.models}
+        return self._models
+
+    def prefetch(self, model: str, job_id: str, keys: Sequence[str],
+                 inputs: InputsFn) -> concurrent.futures.Future | None:
+        """Send a Reference request (return_outputs=false) for keys not known to be
+        cached; returns its future, or None when there is nothing to send."""
+        if not keys or (self._omit and self._known.has_all(model, keys)):
+            return None
+        request = pb.ReferenceRequest(model=model, job_id=job_id, keys=list(keys), return_outputs=False)
+        codec.encode_map(inputs(), request.inputs)
+        future = self._submit("Reference", request)
+        future.jest_keys = (model, list(keys))  # type: ignore[attr-defined]
+        return future
+
+    def _prefetched(self, future: concurrent.futures.Future | None) -> bool:
+        """True once the prefetch for these keys succeeded (they are in the cache)."""
+        if future is None:
+            return False
+        try:
+            reply = self._wait(future, "Reference")
+        except (ScorerUnavailable, ScorerRejected) as exc:
+            log.debug("reference prefetch failed, the Select sends inputs: %s", exc)
+            return False
+        model, keys = future.jest_keys  # type: ignore[attr-defined]
+        self._known.add(model, keys, reply.model_version)
+        return True
+
+    def select(self, call: SelectCall, prefetched: Any = None) -> SelectOutcome:
+        keys = list(call.keys) if call.keys else []
+        was_prefetched = self._prefetched(prefetched)
+        omit = bool(keys) and bool(self._omit) and call.inputs is not None and (
+            was_prefetched or self._known.has_all(call.model, keys))
+        request = pb.SelectRequest(
+            model=call.model, job_id=call.job_id, keys=keys, n_select=int(call.n_select),
+            score=call.score, sampler=call.sampler, n_chunks=int(call.n_chunks),
+            score_gain=float(call.score_gain))
+        if call.seed is not None:
+            request.seed = int(call.seed)
+        encode_learner(call.learner, request.learner)
+        if not omit and call.inputs is not None:
+            codec.encode_map(call.inputs(), request.inputs)
+        try:
+            reply = self._call("Select", request)
+        except ScorerRejected:
+            if not omit:
+                raise
+            # Keys were evicted from the server's cache (or never got there): send inputs.
+            self._known.forget(call.model)
+            codec.encode_map(call.inputs(), request.inputs)
+            reply = self._call("Select", request)
+        if keys:
+            self._known.add(call.model, keys, reply.model_version)
+        return SelectOutcome(np.fromiter(reply.indices, dtype=np.int64, count=len(reply.indices)),
+                             reply.mean_score, reply.mean_score_all, reply.cache_hits,
+                             reply.cache_misses, reply.model_version)
+
+    def close(self) -> None:
+        """Close the channel and stop the loop thread (in the process that owns them)."""
+        with self._lock:
+            runtime, self._runtime = self._runtime, None
+        if runtime is None or runtime.pid != os.getpid():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(runtime.channel.close(), runtime.loop).result(timeout=5)
+        except Exception as exc:  # closing is best effort: the loop may be gone at exit
+            log.debug("closing scorer channel: %s", exc)
+        runtime.loop.call_soon_threadsafe(runtime.loop.stop)
+        runtime.thread.join(timeout=5)
+        if not runtime.thread.is_alive():
+            runtime.loop.close()
+
+    def __enter__(self) -> RemoteScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,109 @@
+"""LoaderStats: what the JESTLoader did, counted as it goes.
+
+Sub-batches, examples seen and selected, mean score (learnability) of the selected
+examples and of whole super-batches, reference-cache hits, fallbacks by reason, and
+where the loader's time went: fetching super-batches, the learner's own scoring
+(``score_fn``), waiting on the scorer, and the rest (``total_seconds`` covers all
+of it, the training step excluded), so that the loader's own overhead is
+``total_seconds - learner_seconds`` beside a plain DataLoader.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class LoaderStats:
+    """Running counters of a JESTLoader (``loader.stats``); restored by load_state_dict."""
+
+    sub_batches: int = 0
+    examples_seen: int = 0
+    examples_selected: int = 0
+    scored: int = 0
+    score_sum: float = 0.0
+    score_all_sum: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    fallbacks: int = 0
+    fallback_reasons: dict[str, int] = field(default_factory=dict)
+    fetch_seconds: float = 0.0
+    learner_seconds: float = 0.0
+    scorer_seconds: float = 0.0
+    total_seconds: float = 0.0
+    _latencies: deque = field(default_factory=lambda: deque(maxlen=1024), repr=False)
+
+    def record_selection(self, seen: int, selected: int) -> None:
+        self.sub_batches += 1
+        self.examples_seen += seen
+        self.examples_selected += selected
+
+    def record_score(self, mean_score: float, mean_score_all: float, hits: int, misses: int) -> None:
+        self.scored += 1
+        self.score_sum += mean_score
+        self.score_all_sum += mean_score_all
+        self.cache_hits += hits
+        self.cache_misses += misses
+
+    def record_latency(self, seconds: float) -> None:
+        self.scorer_seconds += seconds
+        self._latencies.append(seconds)
+
+    def record_fallback(self, reason: str) -> None:
+        self.fallbacks += 1
+        self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
+
+    @property
+    def mean_score(self) -> float:
+        """Mean score (learnability by default) of the selected examples, scored steps only."""
+        return self.score_sum / self.scored if self.scored else float("nan")
+
+    mean_learnability = mean_score
+
+    @property
+    def mean_score_all(self) -> float:
+        """Mean score of whole super-batches: what uniform selection would have got."""
+        return self.score_all_sum / self.scored if self.scored else float("nan")
+
+    def latency_ms(self, quantile: float) -> float:
+        """A quantile of the recent scorer latencies (the last 1024 calls), in ms."""
+        if not self._latencies:
+            return float("nan")
+        return float(np.quantile(np.fromiter(self._latencies, float), quantile) * 1e3)
+
+    @property
+    def overhead_seconds(self) -> float:
+        """Time in the loader beyond the learner's own scoring: fetching, scorer, indexing."""
+        return self.total_seconds - self.learner_seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        """Counters and derived figures, JSON-ready."""
+        out = self.state_dict()
+        out.update(mean_score=self.mean_score, mean_score_all=self.mean_score_all,
+                   scorer_latency_p50_ms=self.latency_ms(0.5),
+                   scorer_latency_p95_ms=self.latency_ms(0.95),
+                   overhead_seconds=self.overhead_seconds)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters (not the latency window), for the loader's state_dict."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        out["fallback_reasons"] = dict(self.fallback_reasons)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore counters saved by ``state_dict``."""
+        for key, value in state.items():
+            if hasattr(self, key) and not key.startswith("_"):
+                setattr(self, key, dict(value) if isinstance(value, dict) else value)
+
+    def summary(self) -> str:
+        """One log line."""
+        return (f"sub-batches {self.sub_batches}, selected {self.examples_selected}/{self.examples_seen}, "
+                f"mean score {self.mean_score:.4f} (all {self.mean_score_all:.4f}), "
+                f"cache hits {self.cache_hits}/{self.cache_hits + self.cache_misses}, "
+                f"scorer p50 {self.latency_ms(0.5):.2f} ms p95 {self.latency_ms(0.95):.2f} ms, "
+                f"fallbacks {self.fallbacks}")
