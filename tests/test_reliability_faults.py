@@ -129,6 +129,8 @@ def test_sigkill_mid_training_and_restart_on_the_same_port(start_server, per_exa
                 state["step"] += 1
                 if kill_at < state["step"] < restart_at:
                     time.sleep(0.15)  # the outage lasts a while: several reconnection attempts
+                elif restarted is not None and loader.stats.scored == scored_at[restart_at - 1]:
+                    time.sleep(0.05)  # a training step takes time; reconnection backoff runs meanwhile
                 if state["step"] == restart_at:
                     restarted = start_server({"digits": per_example_model}, port=server.port)
             # Stop at an epoch's end once the job has been scored again for a while.
