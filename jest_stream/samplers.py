@@ -51,6 +51,7 @@ def uniform(batch_size: int, n_select: int, rng: np.random.Generator) -> np.ndar
 def topk(scores: np.ndarray, n_select: int) -> np.ndarray:
     """The indices of the b highest scores, highest first (ties: lower index first)."""
     check_sizes(scores.shape[0], n_select)
+    _check_finite_scores(scores)
     return np.argsort(-scores, kind="stable")[:n_select].astype(np.int64)
 
 
@@ -61,13 +62,19 @@ def gumbel_topk(logits: np.ndarray, k: int, rng: np.random.Generator,
     Indices where ``taken`` is True are never drawn. Returned in draw order.
     """
     perturbed = logits + rng.gumbel(size=logits.shape[0])
-    if taken is not None:
-        perturbed[taken] = -np.inf
-    if k < perturbed.shape[0]:
-        top = np.argpartition(-perturbed, k - 1)[:k]
+    candidates = np.arange(perturbed.shape[0]) if taken is None else np.flatnonzero(~taken)
+    values = perturbed[candidates]
+    if k < values.shape[0]:
+        top = np.argpartition(-values, k - 1)[:k]
     else:
-        top = np.arange(perturbed.shape[0])
-    return top[np.argsort(-perturbed[top], kind="stable")].astype(np.int64)
+        top = np.arange(values.shape[0])
+    return candidates[top[np.argsort(-values[top], kind="stable")]].astype(np.int64)
+
+
+def _check_finite_scores(c: np.ndarray) -> None:
+    if not np.all(np.isfinite(c)):
+        raise ValueError("learner: scores overflowed to NaN or inf (logit_scale or embeddings too large); "
+                         "send finite, reasonably scaled scores")
 
 
 def joint(scores: ConditionalScores, n_select: int, rng: np.random.Generator,
@@ -84,6 +91,7 @@ def joint(scores: ConditionalScores, n_select: int, rng: np.random.Generator,
     picked: list[np.ndarray] = []
     c = scores.initial()
     for step, size in enumerate(sizes):
+        _check_finite_scores(score_gain * c)
         chunk = gumbel_topk(score_gain * c, size, rng, taken)
         taken[chunk] = True
         picked.append(chunk)

@@ -56,3 +56,11 @@ def test_embeddings_of_another_batch_size_are_rejected():
     small = Embeddings(EMB.image[:5], EMB.text[:5], 2.0)
     with pytest.raises(ValueError, match="reference: 8 examples but learner has 5"):
         select(3, kind="softmax_contrastive", learner=small, reference=EMB)
+
+
+def test_overflowing_scores_are_refused_not_duplicated():
+    rng = np.random.default_rng(0)
+    zi = rng.standard_normal((8, 4)).astype(np.float32)
+    huge = Embeddings(zi, zi, 3e38, -5.0)
+    with pytest.raises(ValueError, match="learner: scores overflowed"):
+        select(8, kind="sigmoid_contrastive", learner=huge, reference=EMB, seed=1)
