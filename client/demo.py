@@ -61,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, help="evaluate the test metric every N steps (default 10)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated subset of uniform,topk,joint (uniform is always run)")
-    p.add_argument("--remote", action="store_true",
-                   help="start a local gRPC scoring server and select through it")
+    p.add_argument("--remote", nargs="?", const="local", default=None, metavar="TARGET",
+                   help="select through a gRPC scorer: alone, start a local one; with TARGET "
+                        "(host:port), use that running scorer, which must serve the demo's "
+                        f"reference under the model name {MODEL_NAME!r}")
+    p.add_argument("--token-file", default=os.environ.get("JEST_TOKEN_FILE"),
+                   help="bearer token for --remote TARGET [env JEST_TOKEN_FILE]")
     p.add_argument("--out", default="jest-stream-demo",
                    help="folder for shards, the reference model and the PNG (default ./jest-stream-demo)")
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (default 1)")
@@ -182,9 +186,16 @@ def run(args: argparse.Namespace) -> dict:
         if args.remote:
             from jest_stream.client.remote import RemoteScorer
 
-            target = stack.enter_context(local_server(model_path, os.path.join(out, "server.log"),
-                                                      args.threads))
-            scorer: Any = RemoteScorer(target)
+            token = None
+            if args.token_file:
+                with open(args.token_file) as fh:
+                    token = fh.read().strip()
+            if args.remote == "local":
+                target = stack.enter_context(local_server(model_path, os.path.join(out, "server.log"),
+                                                          args.threads))
+            else:
+                target = args.remote
+            scorer: Any = RemoteScorer(target, token=token)
         else:
             scorer = LocalScorer(model_path, name=MODEL_NAME, intra_op_threads=max(1, args.threads))
         stack.callback(scorer.close)
@@ -207,7 +218,8 @@ def run(args: argparse.Namespace) -> dict:
         "noise": args.noise, "super_batch": config.super_batch, "sub_batch": config.sub_batch,
         "filter_ratio": round(config.filter_ratio, 4), "steps": config.steps, "lr": config.lr,
         "score_gain": config.score_gain, "n_chunks": config.n_chunks, "eval_every": config.eval_every,
-        "seeds": seeds, "scorer": "remote (local gRPC server)" if args.remote else "embedded",
+        "seeds": seeds, "scorer": ("embedded" if not args.remote else "remote (local gRPC server)"
+                   if args.remote == "local" else f"remote ({args.remote})"),
         "n_train": n_train, "n_reference": len(data.reference), "n_test": len(data.test),
         "reference_metric": reference_metric, "shards": len(shards),
     }

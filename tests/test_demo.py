@@ -66,6 +66,24 @@ def test_remote_demo_selects_as_the_embedded_scorer_does(tmp_path, capsys):
             local["methods"][method]["final_acc_per_seed"], abs=1e-6)
 
 
+def test_demo_trains_against_a_running_scorer_with_a_token(tmp_path, capsys, start_server):
+    """--remote TARGET --token-file: the compose trainers' way to share one scorer."""
+    argv = SMALL + ["--methods", "joint", "--json"]
+    assert demo.main(argv + ["--out", str(tmp_path / "local")]) == 0
+    local = json.loads(capsys.readouterr().out)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    server = start_server({demo.MODEL_NAME: str(tmp_path / "local" / "reference-classification.onnx")},
+                          "--token-file", str(token))
+    argv += ["--out", str(tmp_path / "remote"), "--remote", server.target, "--token-file", str(token)]
+    assert demo.main(argv) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert remote["config"]["scorer"] == f"remote ({server.target})"
+    assert remote["methods"]["joint"]["fallbacks"] == 0
+    assert remote["methods"]["joint"]["final_acc_per_seed"] == pytest.approx(
+        local["methods"]["joint"]["final_acc_per_seed"], abs=1e-6)
+
+
 def test_flip_labels_flips_exactly_the_fraction_to_other_classes():
     labels = np.arange(1000) % 10
     noisy, flipped = flip_labels(labels, 0.3, np.random.default_rng(0))
