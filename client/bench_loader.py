@@ -19,14 +19,11 @@ time and both DataLoaders pass batches through as read (no per-item collation).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import logging
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +41,7 @@ from jest_stream.client.scorer import LocalScorer
 from jest_stream.client.scoring import per_example_cross_entropy
 from jest_stream.samplers import uniform
 from jest_stream.selection import make_rng
+from jest_stream.server.launch import scorer_process
 
 log = logging.getLogger(__name__)
 MODEL = "digits"
@@ -96,45 +94,6 @@ def export_reference_model(data: DigitsBatches, path: str, seed: int) -> str:
     export_reference(model, torch.nn.CrossEntropyLoss(reduction="none"), path,
                      example_inputs=example, input_names=("x", "y"), kind="per_example")
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def loopback_server(model_path: str, log_path: str, timeout: float = 60.0) -> Iterator[str]:
-    """``python -m jest_stream.server`` on a free loopback port; yields its target once
-    it answers ListModels, terminates it on exit."""
-    target = f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "jest_stream.server", "--model", f"{MODEL}={model_path}",
-           "--host", "127.0.0.1", "--port", target.rsplit(":", 1)[1], "--intra-op-threads", "1"]
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"scoring server exited with code {proc.returncode}; see {log_path}")
-            with RemoteScorer(target, timeout=2.0) as probe:
-                try:
-                    probe.models()
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"no answer from the scoring server on {target}; "
-                                           f"see {log_path}") from None
-            time.sleep(0.2)
-        yield target
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> None:
@@ -255,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="jest-bench-loader-") as tmp:
         model_path = export_reference_model(DigitsBatches(1), os.path.join(tmp, "digits.onnx"), args.seed)
-        with loopback_server(model_path, os.path.join(tmp, "server.log")) as target:
+        with scorer_process({MODEL: model_path}, os.path.join(tmp, "server.log"),
+                            "--intra-op-threads", "1") as (target, _):
             result = measure(args, model_path, target)
     if args.json:
         print(json.dumps(result))

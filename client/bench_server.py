@@ -30,7 +30,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from jest_stream import codec
+from jest_stream.server.launch import free_port, stop_process, wait_serving
 from jest_stream.v1 import scorer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,6 @@ def _run_echo_server(port: int) -> None:
 
 # -- set-up -----------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def export_mlp(path: str, hidden: int, seed: int = 0) -> str:
     """A small MLP classifier 64 -> hidden -> hidden -> 10 with its per-example loss."""
     import torch
@@ -102,22 +96,6 @@ def export_mlp(path: str, hidden: int, seed: int = 0) -> str:
     return path
 
 
-def _wait_serving(target: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    from jest_stream.server.health_probe import check
-
-    import grpc
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"scorer exited with {proc.returncode} before SERVING")
-        with contextlib.suppress(grpc.RpcError):
-            if check(target, timeout=1.0) == "SERVING":
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"scorer at {target} not SERVING after {timeout}s")
-
-
 @contextlib.contextmanager
 def _process(args: list[str], log_path: str) -> Iterator[subprocess.Popen]:
     with open(log_path, "w") as fh:
@@ -125,13 +103,7 @@ def _process(args: list[str], log_path: str) -> Iterator[subprocess.Popen]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=30)
 
 
 class Requests:
@@ -316,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="jest-bench-server-") as tmp:
         model_path = export_mlp(os.path.join(tmp, "mlp.onnx"), args.hidden, args.seed)
-        port, echo_port = _free_port(), _free_port()
+        port, echo_port = free_port(), free_port()
         scorer = [sys.executable, "-m", "jest_stream.server", "--host", "127.0.0.1", "--port", str(port),
                   "--model", f"{MODEL}={model_path}", "--max-message-bytes", str(MAX_MESSAGE),
                   "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
@@ -329,7 +301,7 @@ def run(args: argparse.Namespace) -> dict:
                 _process(echo, os.path.join(tmp, "echo.log")):
             target = f"127.0.0.1:{port}"
             try:
-                _wait_serving(target, proc)
+                wait_serving(target, proc=proc, timeout=120)
             except Exception:
                 with open(os.path.join(tmp, "scorer.log")) as fh:
                     raise RuntimeError(f"scorer did not start:\n{fh.read()}") from None

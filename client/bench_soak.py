@@ -31,8 +31,6 @@ import logging
 import math
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +44,7 @@ import grpc
 import numpy as np
 
 from jest_stream import codec
+from jest_stream.server.launch import free_port, stop_process, wait_serving
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
 
@@ -57,12 +56,6 @@ CALL_TIMEOUT = 30.0
 
 
 # -- the scorer process ---------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -92,20 +85,12 @@ class Scorer:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (drain), then SIGKILL if it does not exit in ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return stop_process(self.proc, timeout)
 
 
 def start_scorer(models: Mapping[str, str], cache_bytes: int, log_path: str, *, intra_op_threads: int = 1,
                  extra: Sequence[str] = (), timeout: float = 120.0) -> Scorer:
     """Start ``python -m jest_stream.server`` on loopback and wait until it is SERVING."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "jest_stream.server", "--host", "127.0.0.1", "--port", str(port),
            "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1", "--cache-bytes", str(cache_bytes),
@@ -115,22 +100,12 @@ def start_scorer(models: Mapping[str, str], cache_bytes: int, log_path: str, *, 
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     scorer = Scorer(proc, f"127.0.0.1:{port}", metrics_port, log_path)
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(scorer.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"scorer exited with code {proc.returncode} before SERVING; see {log_path}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return scorer
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                scorer.stop(5)
-                raise RuntimeError(f"scorer on {scorer.target} not SERVING after {timeout:.0f}s; see {log_path}")
-            time.sleep(0.1)
+    try:
+        wait_serving(scorer.target, proc=proc, timeout=timeout, log_path=log_path)
+    except TimeoutError:
+        scorer.stop(5)
+        raise
+    return scorer
 
 
 # -- reference models and data ----------------------------------------------------------

@@ -19,8 +19,6 @@ import contextlib
 import glob
 import logging
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -91,52 +89,17 @@ def _config(args: argparse.Namespace, defaults: dict):
     )
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def local_server(model_path: str, log_path: str, threads: int = 1,
                  timeout: float = 60.0) -> Iterator[str]:
     """Start ``python -m jest_stream.server`` on a free loopback port serving the reference
     model; yield its target once its health service says SERVING; stop it (SIGTERM) on exit."""
-    import grpc
+    from jest_stream.server.launch import scorer_process
 
-    from jest_stream.server.health_probe import check
-
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "jest_stream.server", "--model", f"{MODEL_NAME}={model_path}",
-           "--host", "127.0.0.1", "--port", str(port), "--intra-op-threads", str(threads)]
-    with open(log_path, "ab") as server_log:
-        proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"--remote: the scoring server exited with code {proc.returncode}; "
-                                   f"see {log_path}")
-            try:
-                if check(target, timeout=1.0) == "SERVING":
-                    break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"--remote: the scoring server on {target} is not SERVING after "
-                                   f"{timeout:.0f} s; see {log_path}")
-            time.sleep(0.1)
+    with scorer_process({MODEL_NAME: model_path}, log_path, "--intra-op-threads", str(threads),
+                        timeout=timeout) as (target, proc):
         log.info("scoring server pid %d on %s", proc.pid, target)
         yield target
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run(args: argparse.Namespace) -> dict:

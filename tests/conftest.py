@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
+from jest_stream.server.launch import free_port, wait_serving  # noqa: F401 - fixtures' helpers
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -163,23 +157,6 @@ class ServerProcess:
                 self.proc.kill()
         return self.proc.wait()
 
-
-def wait_serving(target: str, timeout: float = 60.0, proc=None, tls_ca: bytes | None = None) -> None:
-    from jest_stream.server.health_probe import check
-
-    import grpc
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"scorer exited with {proc.returncode} before SERVING")
-        try:
-            if check(target, timeout=1.0, tls_ca=tls_ca) == "SERVING":
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"scorer at {target} not SERVING after {timeout}s")
 
 
 def launch_server(log_dir, models: dict, *extra: str, port: int | None = None, wait: bool = True,

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jest_stream.server.launch import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_deploy_files import ROOT, Dockerfile, Instruction, build_context_files, parse_env  # noqa: E402
 
@@ -35,14 +37,6 @@ TOKEN = "deploy-test-token-7f3a"
 # Where a container would take these from: the build machine's network settings.
 PASSTHROUGH = ("PIP_", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
                "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "LANG", "LC_ALL")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ContainerRoot:
@@ -212,7 +206,7 @@ def test_image_install_entrypoint_healthcheck_select(tmp_path: Path, per_example
         for i in range(32):
             writer.add(keys[i], {name: value[i] for name, value in precomputed.items()})
 
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     run_env = _base_env(tmp_path / "home")
     for inst in runtime.all("ENV"):
         _apply_env(inst, run_env, fs)

@@ -4,22 +4,17 @@ and nothing is delivered twice across ranks."""
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
+
+from jest_stream.server.launch import free_port
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
 B, b = 64, 16
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(rank: int, target: str, port: int, out_dir: str) -> None:
@@ -64,7 +59,7 @@ def _rank_main(rank: int, target: str, port: int, out_dir: str) -> None:
 @pytest.mark.timeout(240)
 def test_two_ranks_select_from_their_own_shards(start_server, per_example_model, tmp_path):
     server = start_server({"digits": per_example_model})
-    mp.spawn(_rank_main, args=(server.target, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(server.target, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert [r["job_id"] for r in ranks] == ["ddp-test/rank0of2", "ddp-test/rank1of2"]
     for r in ranks:
