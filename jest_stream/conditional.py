@@ -70,6 +70,8 @@ def _weights(score: str) -> tuple[float, float]:
 class PerExampleScores:
     """Per-example losses: the joint learnability of a set is the sum of its members'."""
 
+    pairwise = False  # c_i never changes: the joint sampler may draw all chunks at once
+
     def __init__(self, learner: Losses | None, reference: Losses | None, score: str = "learnability"):
         w_l, w_r = _weights(score)
         total = np.zeros(_batch(learner, reference), dtype=np.float64)
@@ -125,6 +127,8 @@ def _batch(learner, reference) -> int:
 class SigmoidScores:
     """SigLIP's pairwise sigmoid loss: S_ij = sum_m w_m * -log sigmoid(y_ij * x^m_ij)."""
 
+    pairwise = True
+
     def __init__(self, learner: Embeddings | None, reference: Embeddings | None,
                  score: str = "learnability"):
         self._towers = _towers(learner, reference, score, with_bias=True)
@@ -167,6 +171,8 @@ def _logsumexp_cols(x: np.ndarray) -> np.ndarray:
 
 class SoftmaxScores:
     """CLIP's softmax loss, conditioned on the selected set (see module docstring)."""
+
+    pairwise = True
 
     def __init__(self, learner: Embeddings | None, reference: Embeddings | None,
                  score: str = "learnability"):

@@ -5,10 +5,14 @@
 - ``joint``: JEST's blocked sampling. Chunk 1 draws b/N examples without replacement
   with probability proportional to exp(gain * c_i) over the diagonal scores; each next
   chunk redraws from the candidates' scores conditioned on everything selected so far.
-  "Without replacement, proportional to exp" is exactly Gumbel-top-k.
+  "Without replacement, proportional to exp" is exactly Gumbel-top-k. Per-example
+  scores never change between chunks, and N sequential Gumbel-top-(b/N) draws from
+  fixed scores are the same distribution (Plackett-Luce without replacement) as one
+  Gumbel-top-b draw, so there the N chunks are one draw: N times less work.
 
 Randomness comes from one numpy Generator, in a fixed order (one ``gumbel(size=B)`` per
-chunk), so the same inputs and seed give the same indices on every machine.
+chunk; one in all for per-example scores), so the same inputs and seed give the same
+indices on every machine.
 """
 from __future__ import annotations
 
@@ -82,11 +86,17 @@ def joint(scores: ConditionalScores, n_select: int, rng: np.random.Generator,
     """JEST's joint selection of b examples in N chunks from conditional scores.
 
     ``scores`` keeps c_i as a running vector: ``initial()`` before the first chunk and
-    ``update(chunk)`` after each one (never after the last).
+    ``update(chunk)`` after each one (never after the last). Scores that are not
+    ``pairwise`` (per-example) take one Gumbel-top-b draw, the same distribution.
     """
     b = scores.batch_size
     check_sizes(b, n_select)
     sizes = chunk_sizes(n_select, n_chunks)
+    if not getattr(scores, "pairwise", True):
+        # Fixed scores: the chunks' sequential draws are one Plackett-Luce draw of b.
+        c = score_gain * scores.initial()
+        _check_finite_scores(c)
+        return gumbel_topk(c, n_select, rng)
     taken = np.zeros(b, dtype=bool)
     picked: list[np.ndarray] = []
     c = scores.initial()

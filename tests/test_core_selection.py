@@ -325,3 +325,14 @@ def test_single_model_rules_need_only_that_model(score):
         {"learner": None, "reference": reference}
     idx = select(20, kind="sigmoid_contrastive", score=score, seed=0, **kwargs).indices
     assert len(set(idx.tolist())) == 20
+
+
+def test_per_example_joint_is_one_plackett_luce_draw_of_b():
+    """Per-example scores never change between chunks, so the N chunked draws are one
+    Gumbel-top-b draw (the same distribution; the frequency test above checks it)."""
+    rng = np.random.default_rng(5)
+    learner, reference = rng.normal(size=400), rng.normal(size=400)
+    got = select(60, kind="per_example", learner=Losses(learner), reference=Losses(reference),
+                 n_chunks=16, score_gain=3.0, seed=11).indices
+    want = gumbel_topk(3.0 * (learner - reference), 60, np.random.default_rng(11))
+    assert got.tolist() == want.tolist()
