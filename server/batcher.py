@@ -3,7 +3,10 @@
 Requests queue per model and, within a model, per job. One worker task per model
 forms a batch by taking requests from the jobs in round-robin order (one request per
 job per turn) until ``max_batch`` rows, runs it in ONNX Runtime on a worker thread, and
-hands each request its rows back. Fairness is by request: jobs that send super-batches
+hands each request its rows back. With more than one worker per model (CPU hosts, one
+intra-op thread each), a worker takes only its share of the waiting requests while
+other workers are idle, so that two requests run side by side on two cores instead of
+one after the other in one batch. Fairness is by request: jobs that send super-batches
 of the same size get the same examples/s, however many calls each keeps in flight.
 
 Waiting for company costs latency, so the worker waits (at most ``max_delay``) only
@@ -86,6 +89,7 @@ class Batcher:
                                         thread_name_prefix="jest-infer")
         self._tasks: list[asyncio.Task] = []
         self._batch_s = {name: 0.01 for name in models}
+        self._busy = {name: 0 for name in models}  # workers of each model running a batch
 
     def start(self) -> None:
         """Start the worker tasks of every model (call from the running event loop)."""
@@ -124,11 +128,13 @@ class Batcher:
         q.wakeup.set()
         return await pending.future
 
-    def _take_batch(self, q: _ModelQueue) -> list[_Pending]:
-        """Round-robin over jobs, one request each turn, until max_batch rows."""
+    def _take_batch(self, q: _ModelQueue, idle_workers: int = 1) -> list[_Pending]:
+        """Round-robin over jobs, one request each turn, until max_batch rows, and at most
+        this worker's share of the waiting requests when ``idle_workers`` could share them."""
         batch: list[_Pending] = []
         rows = 0
-        while q.jobs:
+        share = -(-sum(map(len, q.jobs.values())) // max(1, idle_workers))
+        while q.jobs and len(batch) < share:
             job, waiting = next(iter(q.jobs.items()))
             item = waiting[0]
             if item.future.cancelled():  # its caller went away
@@ -173,7 +179,7 @@ class Batcher:
                 await q.wakeup.wait()
                 continue
             await self._gather(q)
-            batch = self._take_batch(q)
+            batch = self._take_batch(q, self.workers_per_model - self._busy[name])
             self.metrics.queue_rows.labels(name).set(q.rows)
             if not batch:
                 continue
@@ -183,11 +189,14 @@ class Batcher:
                 inputs = {k: np.concatenate([p.inputs[k] for p in batch]) for k in batch[0].inputs}
             rows = sum(p.rows for p in batch)
             start = time.perf_counter()
+            self._busy[name] += 1
             try:
                 outputs = await loop.run_in_executor(self._pool, model.run, inputs)
             except Exception as exc:  # keep serving: only the request(s) the model fails on fail
                 await self._run_alone(name, model, batch, exc)
                 continue
+            finally:
+                self._busy[name] -= 1
             elapsed = time.perf_counter() - start
             self._batch_s[name] = 0.8 * self._batch_s[name] + 0.2 * elapsed
             self.metrics.inference.labels(name).observe(elapsed)
