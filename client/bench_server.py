@@ -13,7 +13,8 @@ jest_stream.server``) serving a small MLP reference exported with our export hel
   of a bare gRPC echo (grpc.aio on uvloop, same message limits) of the same request
   bytes. The two alternate call by call.
 - concurrency_gain: aggregate examples/s with 8 concurrent jobs / with 1 job, every key
-  new (each job keeps one call in flight, as a training loop does).
+  new (each job keeps one call in flight, as a training loop does). The two alternate in
+  segments, so that both meet the same cache size and the same load from elsewhere.
 - fairness: max / min examples/s across the 8 jobs of that run.
 
 Defaults: ORT with 1 intra-op thread per session and 2 inference workers in the scorer
@@ -203,15 +204,20 @@ async def _cache_hit_vs_echo(select, echo, requests: Requests, calls: int) -> di
             "ratio": p50_hit / p50_echo, "ratio_topk": p50_topk / p50_echo}
 
 
-async def _jobs(target: str, requests: Requests, n_jobs: int, seconds: float) -> dict:
-    """``n_jobs`` jobs, each on its own channel with one call in flight, all keys new."""
+async def _jobs(target: str, requests: Requests, n_jobs: int, seconds: float, calls_per_s: float) -> dict:
+    """``n_jobs`` jobs, each on its own channel with one call in flight, all keys new.
+
+    Requests are made before the clock starts, enough for ``calls_per_s`` (an estimate)
+    with room to spare, so that making them does not take CPU from the scorer; any made
+    during the run are counted in ``built_inline``.
+    """
     import grpc
 
     jobs = [f"job{j}" for j in range(n_jobs)]
-    # a stock of requests per job made before the clock starts; more are made if it runs out
-    stock = {job: [requests.new(f"{job}-{n_jobs}") for _ in range(int(seconds * 40 / n_jobs) + 4)]
-             for job in jobs}
+    per_job = min(int(seconds * calls_per_s * 1.5 / n_jobs) + 4, 1200 // n_jobs + 4)
+    stock = {job: [requests.new(f"{job}-{n_jobs}") for _ in range(per_job)] for job in jobs}
     done = {job: 0 for job in jobs}
+    inline = [0]
     stop = asyncio.Event()
     begin = asyncio.Event()
 
@@ -222,6 +228,8 @@ async def _jobs(target: str, requests: Requests, n_jobs: int, seconds: float) ->
             await begin.wait()
             start = time.perf_counter()
             while not stop.is_set():
+                if not stock[job]:
+                    inline[0] += 1
                 body = stock[job].pop() if stock[job] else requests.new(f"{job}-{n_jobs}")
                 reply = await select(body, timeout=120)
                 assert reply.cache_misses == requests.batch
@@ -234,8 +242,29 @@ async def _jobs(target: str, requests: Requests, n_jobs: int, seconds: float) ->
     await asyncio.sleep(seconds)
     stop.set()
     elapsed = await asyncio.gather(*tasks)
-    rates = {job: done[job] / t for job, t in zip(jobs, elapsed)}
-    return {"examples_per_s": sum(rates.values()), "per_job": rates}
+    return {"examples": done, "seconds": dict(zip(jobs, elapsed)), "built_inline": inline[0]}
+
+
+async def _one_vs_many(target: str, requests: Requests, n_jobs: int, seconds: float, rounds: int,
+                       calls_per_s: float) -> tuple[dict, dict]:
+    """1 job and ``n_jobs`` jobs in alternating segments (``rounds`` of each, ``seconds`` in
+    all per side), so that both see the same cache size and the same load from elsewhere."""
+    sides: dict[int, dict] = {1: {}, n_jobs: {}}
+    for _ in range(rounds):
+        for n in (1, n_jobs):
+            part = await _jobs(target, requests, n, seconds / rounds, calls_per_s)
+            side = sides[n]
+            side["built_inline"] = side.get("built_inline", 0) + part["built_inline"]
+            for key in ("examples", "seconds"):
+                totals = side.setdefault(key, {})
+                for job, value in part[key].items():
+                    totals[job] = totals.get(job, 0) + value
+    out = []
+    for n in (1, n_jobs):
+        side = sides[n]
+        rates = {job: side["examples"][job] / side["seconds"][job] for job in side["examples"]}
+        out.append({"examples_per_s": sum(rates.values()), "per_job": rates, "built_inline": side["built_inline"]})
+    return out[0], out[1]
 
 
 async def _measure(args, target: str, echo_target: str, model_path: str) -> dict:
@@ -265,8 +294,8 @@ async def _measure(args, target: str, echo_target: str, model_path: str) -> dict
         served = await _served_vs_inprocess(select, session, requests, args.rounds, args.calls, args.inflight,
                                             args.inference_workers)
         cached = await _cache_hit_vs_echo(select, echo, requests, args.echo_calls)
-    one = await _jobs(target, requests, 1, args.seconds)
-    many = await _jobs(target, requests, args.jobs, args.seconds)
+    one, many = await _one_vs_many(target, requests, args.jobs, args.seconds, args.job_rounds,
+                                   served["served_examples_per_s"] / requests.batch)
     per_job = list(many["per_job"].values())
     return {
         "served_vs_inprocess": round(served["ratio"], 3),
@@ -279,6 +308,7 @@ async def _measure(args, target: str, echo_target: str, model_path: str) -> dict
             "jobs_1_examples_per_s": round(one["examples_per_s"]),
             f"jobs_{args.jobs}_examples_per_s": round(many["examples_per_s"]),
             f"jobs_{args.jobs}_per_job_examples_per_s": [round(r) for r in per_job],
+            "requests_built_during_the_jobs_runs": one["built_inline"] + many["built_inline"],
         },
     }
 
@@ -309,7 +339,8 @@ def run(args: argparse.Namespace) -> dict:
     result["config"] = {"batch": args.batch, "filter_ratio": args.filter_ratio, "sampler": "joint",
                         "mlp": f"64-{args.hidden}-{args.hidden}-10", "ort_intra_op_threads": args.threads or "default",
                         "jobs": args.jobs, "inference_workers": args.inference_workers,
-                        "served_calls_in_flight": args.inflight, "seconds_per_jobs_run": args.seconds, "rounds": args.rounds,
+                        "served_calls_in_flight": args.inflight, "seconds_per_jobs_run": args.seconds,
+                        "job_rounds": args.job_rounds, "rounds": args.rounds,
                         "calls_per_round": args.calls, "cpus": os.cpu_count(),
                         "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     result["targets"] = {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}
@@ -340,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", type=int, default=8, help="batches per round")
     p.add_argument("--echo-calls", type=int, default=200, help="cache-hit and echo calls (each)")
     p.add_argument("--jobs", type=int, default=8, help="concurrent jobs")
-    p.add_argument("--seconds", type=float, default=6.0, help="length of the 1-job and the N-job runs")
+    p.add_argument("--seconds", type=float, default=6.0, help="time of the 1-job and of the N-job runs, each")
+    p.add_argument("--job-rounds", type=int, default=3,
+                   help="1-job and N-job runs alternate in this many segments each")
     p.add_argument("--max-batch", type=int, default=8192, help="the scorer's --max-batch")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="the scorer's --max-delay-ms")
     p.add_argument("--seed", type=int, default=0)
@@ -349,7 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.job_rounds < 1:
+        parser.error(f"--job-rounds: must be >= 1, got {args.job_rounds}")
     if args.echo_server:
         _run_echo_server(args.echo_server)
         return 0

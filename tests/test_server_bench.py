@@ -9,7 +9,7 @@ from jest_stream.cli import main
 
 def test_bench_server_reports_the_four_figures(capsys):
     assert main(["bench", "server", "--json", "--batch", "256", "--hidden", "16", "--rounds", "1", "--calls", "2",
-                 "--echo-calls", "5", "--jobs", "3", "--seconds", "0.5"]) == 0
+                 "--echo-calls", "5", "--jobs", "3", "--seconds", "0.5", "--job-rounds", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("served_vs_inprocess", "cache_hit_vs_echo", "concurrency_gain", "fairness"):
         assert out[key] > 0, key
