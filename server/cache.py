@@ -8,13 +8,18 @@ one dict lookup per key and one fancy-indexed gather per output, not B small arr
 (the hit path must cost little beside the RPC that carries it).
 
 Recency is counted per operation: every key touched by one lookup or insert shares a
-tick, so the order is exact LRU at request granularity. When an insert would pass the
-budget, the oldest entries are evicted in one go, with some slack (1/16 of the budget)
-so that a full cache does not pay an eviction scan on every insert.
+tick, so the order is exact LRU at request granularity (equal ticks: lower row first).
+Each operation also appends (tick, rows) to a queue, oldest first; an entry belongs to
+the group of its latest tick, and groups whose rows were touched again since are stale.
+Eviction pops groups off the front, so it costs the entries it drops, not a scan or a
+sort of the whole cache. When an insert would pass the budget, the oldest entries are
+evicted in one go, with some slack (1/16 of the budget), so that a full cache does not
+evict on every insert.
 """
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Mapping, Sequence
 from itertools import repeat
 
@@ -85,6 +90,9 @@ class ReferenceCache:
         self._slabs: dict[str, _Slab] = {}
         self._tick = 0
         self._lock = threading.Lock()
+        # (tick, slab, rows used at that tick), oldest first; rows held, for compaction
+        self._recency: deque[tuple[int, _Slab, np.ndarray]] = deque()
+        self._recency_rows = 0
 
     def __len__(self) -> int:
         return sum(len(s.index) for s in self._slabs.values())
@@ -109,9 +117,11 @@ class ReferenceCache:
             self._tick += 1
             if n_hit == n:
                 slab.ticks[rows] = self._tick
+                self._used(slab, rows)
                 return {name: arr[rows] for name, arr in slab.arrays.items()}, np.empty(0, np.int64)
             hit_rows = rows[hit]
             slab.ticks[hit_rows] = self._tick
+            self._used(slab, hit_rows)
             outputs = {}
             for name, arr in slab.arrays.items():
                 out = np.empty((n, *arr.shape[1:]), arr.dtype)
@@ -153,6 +163,7 @@ class ReferenceCache:
             for name, value in values.items():
                 slab.arrays[name][rows] = value
             slab.ticks[rows] = self._tick
+            self._used(slab, rows)
             slab.sizes[rows] = size
             slab.keys[rows] = keys if isinstance(keys, list) else list(keys)
             before = len(slab.index)
@@ -179,31 +190,40 @@ class ReferenceCache:
         """Insert one sample's outputs (no batch axis)."""
         self.put_batch(version, [key], {name: np.asarray(v)[None] for name, v in entry.items()})
 
+    def _used(self, slab: _Slab, rows: np.ndarray) -> None:
+        """Queue the rows given the current tick (lock held); drop stale rows from the
+        queue once it holds more than twice the entries, so that it stays O(entries)."""
+        self._recency.append((self._tick, slab, rows))
+        self._recency_rows += rows.size
+        if self._recency_rows > 2 * len(self) + 4096:
+            groups, self._recency = self._recency, deque()
+            self._recency_rows = 0
+            for tick, owner, held in groups:
+                live = held[owner.ticks[held] == tick]
+                if live.size:
+                    self._recency.append((tick, owner, live))
+                    self._recency_rows += live.size
+
     def _evict(self, nbytes: int) -> None:
         """Drop the least recently used entries until ``nbytes`` are freed (lock held)."""
-        parts = []
-        for slab in self._slabs.values():
-            used = np.flatnonzero(slab.ticks >= 0)
-            parts.append((slab, used, slab.ticks[used]))
-        if not parts:
-            return
-        ticks = np.concatenate([p[2] for p in parts])
-        if ticks.size == 0:
-            return
-        order = np.argsort(ticks, kind="stable")
-        sizes = np.concatenate([p[0].sizes[p[1]] for p in parts])[order]
-        count = int(np.searchsorted(np.cumsum(sizes), nbytes)) + 1
-        chosen = order[:count]
-        offset = 0
-        for slab, used, _ in parts:
-            mine = chosen[(chosen >= offset) & (chosen < offset + used.size)] - offset
-            offset += used.size
-            if mine.size == 0:
+        freed = 0
+        while freed < nbytes and self._recency:
+            tick, slab, held = self._recency.popleft()
+            self._recency_rows -= held.size
+            rows = np.unique(held[slab.ticks[held] == tick])  # still last used at this tick
+            if not rows.size:
                 continue
-            rows = used[mine]
+            sizes = slab.sizes[rows]
+            if freed + int(sizes.sum()) > nbytes:  # only part of this group is needed
+                k = int(np.searchsorted(np.cumsum(sizes), nbytes - freed)) + 1
+                self._recency.appendleft((tick, slab, rows[k:]))
+                self._recency_rows += rows.size - k
+                rows, sizes = rows[:k], sizes[:k]
+            freed += int(sizes.sum())
+            index = slab.index
             for key in slab.keys[rows]:
-                del slab.index[key]
-            self.bytes -= int(slab.sizes[rows].sum())
+                del index[key]
+            self.bytes -= int(sizes.sum())
             self.evictions += int(rows.size)
             slab.ticks[rows] = -1
             slab.sizes[rows] = 0

@@ -245,3 +245,66 @@ def test_wrong_kind_metadata_is_refused(tmp_path, per_example_model):
 def test_missing_model_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         ScoringEngine({"m": tmp_path / "nope.onnx"})
+
+
+class _SortingCache(ReferenceCache):
+    """The cache with eviction by a stable sort of every entry's last tick: the plain
+    statement of LRU at request granularity that the recency queue must reproduce."""
+
+    def _evict(self, nbytes: int) -> None:
+        parts = [(slab, np.flatnonzero(slab.ticks >= 0)) for slab in self._slabs.values()]
+        ticks = np.concatenate([slab.ticks[used] for slab, used in parts])
+        sizes = np.concatenate([slab.sizes[used] for slab, used in parts])
+        order = np.argsort(ticks, kind="stable")
+        chosen = order[:int(np.searchsorted(np.cumsum(sizes[order]), nbytes)) + 1]
+        offset = 0
+        for slab, used in parts:
+            mine = chosen[(chosen >= offset) & (chosen < offset + used.size)] - offset
+            offset += used.size
+            rows = used[mine]
+            for key in slab.keys[rows]:
+                del slab.index[key]
+            self.bytes -= int(slab.sizes[rows].sum())
+            self.evictions += int(rows.size)
+            slab.ticks[rows] = -1
+            slab.sizes[rows] = 0
+            slab.keys[rows] = None
+            slab.free.extend(rows.tolist())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cache_eviction_is_exact_lru(seed):
+    """Random inserts (some of cached keys) and look-ups over two model versions, keys of
+    varying length, a budget that keeps evicting: the same entries survive, in the same
+    rows, as with a full sort by last use; and the recency queue stays bounded."""
+    rng = np.random.default_rng(seed)
+    budget = 60 * (ENTRY_OVERHEAD + 40)
+    ours, plain = ReferenceCache(budget), _SortingCache(budget)
+    for _ in range(3000):
+        version = f"v{rng.integers(2)}"
+        picked = rng.choice(300, int(rng.integers(1, 20)), replace=False)
+        keys = [f"k{int(i)}" + "x" * (int(i) % 7) for i in picked]
+        if rng.random() < 0.4:
+            rows = {"z": rng.random((len(keys), 4), dtype=np.float32)}
+            ours.put_batch(version, keys, rows)
+            plain.put_batch(version, keys, rows)
+        else:
+            got, want = ours.get(version, keys), plain.get(version, keys)
+            assert got[1].tolist() == want[1].tolist()
+        assert (ours.bytes, ours.evictions, len(ours)) == (plain.bytes, plain.evictions, len(plain))
+        for v, slab in ours._slabs.items():
+            assert slab.index == plain._slabs[v].index
+    assert ours.evictions > 1000
+    assert ours._recency_rows <= 2 * len(ours) + 4096 + 20
+
+
+def test_recency_queue_stays_bounded_without_evictions():
+    """Look-ups of cached keys queue their rows; a cache that never fills compacts the
+    queue instead of growing it with every call."""
+    cache = ReferenceCache(1 << 30)
+    keys = [f"k{i}" for i in range(1000)]
+    cache.put_batch("v", keys, {"loss": np.zeros(1000, np.float32)})
+    for _ in range(200):
+        cache.get("v", keys)
+    assert cache.evictions == 0
+    assert cache._recency_rows <= 2 * len(cache) + 4096 + 1000
