@@ -1,10 +1,12 @@
-"""RemoteScorer: the shared gRPC scoring server, spoken to over grpc.aio.
+"""RemoteScorer: the shared gRPC scoring server, spoken to over a gRPC channel.
 
-The channel lives on a background event-loop thread (uvloop when installed), so the
-training loop calls plain blocking methods while prefetches run concurrently. That
-thread and the channel are created on first use, in the process that uses them: a
-RemoteScorer built before DataLoader workers fork holds no gRPC state, and a forked
-child that uses one gets its own (fork safety).
+The training loop calls plain blocking methods. A Select (on the step's critical
+path) is a blocking call made from the calling thread itself: no hop to another
+thread and back, which costs a measurable part of a loopback round trip. A reference
+prefetch is started as a gRPC future and runs while the user trains (gRPC's own
+threads complete it). The channel is created on first use, in the process that uses
+it: a RemoteScorer built before DataLoader workers fork holds no gRPC state, and a
+forked child that uses one gets its own (fork safety).
 
 Targets: ``"host:port"``, a ``"dns:///name:port"`` name (e.g. a Kubernetes headless
 Service) or a list of ``host:port`` addresses; every target uses gRPC's own
@@ -20,9 +22,7 @@ the target each may hold different keys, so inputs are always sent.
 """
 from __future__ import annotations
 
-import asyncio
 import atexit
-import concurrent.futures
 import ipaddress
 import json
 import logging
@@ -151,23 +151,17 @@ def _spec_from_proto(info: pb.ModelInfo) -> ModelSpec:
 @dataclass
 class _Runtime:
     pid: int
-    loop: asyncio.AbstractEventLoop
-    thread: threading.Thread
-    channel: grpc.aio.Channel
+    channel: grpc.Channel
     stub: pb_grpc.ScorerStub
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # e.g. Windows: the standard loop works too
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+@dataclass
+class _Prefetch:
+    """A Reference call in flight and the keys it warms (a prefetch handle for select)."""
 
-
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    loop.run_forever()
+    future: grpc.Future
+    model: str
+    keys: list[str]
 
 
 _LIVE: weakref.WeakSet[RemoteScorer] = weakref.WeakSet()
@@ -232,7 +226,7 @@ class RemoteScorer:
         self._known = KeyMemory(self._remember_keys)
         _LIVE.add(self)
 
-    # -- runtime: loop thread + channel, per process ------------------------------------
+    # -- runtime: the channel, per process ----------------------------------------------
 
     def _options(self) -> list[tuple[str, Any]]:
         return [
@@ -268,51 +262,46 @@ class RemoteScorer:
                 self._omit = single
             credentials = _credentials(self._tls)
             options = self._options()
-            loop = _new_loop()
-            thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True,
-                                      name="jest-stream-grpc")
-            thread.start()
-
-            async def open_channel():
-                if credentials is None:
-                    channel = grpc.aio.insecure_channel(target, options=options)
-                else:
-                    channel = grpc.aio.secure_channel(target, credentials, options=options)
-                return channel, pb_grpc.ScorerStub(channel)
-
-            channel, stub = asyncio.run_coroutine_threadsafe(open_channel(), loop).result()
-            self._runtime = _Runtime(os.getpid(), loop, thread, channel, stub)
+            if credentials is None:
+                channel = grpc.insecure_channel(target, options=options)
+            else:
+                channel = grpc.secure_channel(target, credentials, options=options)
+            self._runtime = _Runtime(os.getpid(), channel, pb_grpc.ScorerStub(channel))
             log.debug("scorer channel to %s opened (pid %d)", target, os.getpid())
             return self._runtime
 
-    def _submit(self, method: str, request: Any) -> concurrent.futures.Future:
-        runtime = self._ensure()
-        rpc = getattr(runtime.stub, method)
+    def _submit(self, method: str, request: Any) -> grpc.Future:
+        """Start a call in the background (gRPC's threads complete it); wait with ``_wait``."""
+        rpc = getattr(self._ensure().stub, method)
+        return rpc.future(request, timeout=self.timeout, metadata=self._metadata)
 
-        async def call():
-            return await rpc(request, timeout=self.timeout, metadata=self._metadata)
-
-        return asyncio.run_coroutine_threadsafe(call(), runtime.loop)
-
-    def _wait(self, future: concurrent.futures.Future, what: str) -> Any:
+    def _wait(self, future: grpc.Future, what: str) -> Any:
         try:
             return future.result(timeout=self.timeout + 5.0)
-        except grpc.aio.AioRpcError as exc:
+        except grpc.RpcError as exc:
             raise self._translate(exc, what) from exc
-        except concurrent.futures.TimeoutError as exc:
+        except grpc.FutureTimeoutError as exc:
             future.cancel()
             raise ScorerUnavailable(f"scorer {self.target!r}: {what} got no answer within "
                                     f"{self.timeout:.1f}s") from exc
+        except grpc.FutureCancelledError as exc:  # closed while in flight
+            raise ScorerUnavailable(f"scorer {self.target!r}: {what} was cancelled") from exc
 
-    def _translate(self, exc: grpc.aio.AioRpcError, what: str) -> Exception:
-        code, details = exc.code(), exc.details()
+    def _translate(self, exc: grpc.RpcError, what: str) -> Exception:
+        code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+        details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
         message = f"scorer {self.target!r}: {what} failed with {code.name}: {details}"
         if code in TRANSIENT:
             return ScorerUnavailable(message)
         return ScorerRejected(message)
 
     def _call(self, method: str, request: Any) -> Any:
-        return self._wait(self._submit(method, request), method)
+        """A blocking call from this thread (the deadline bounds it, retries included)."""
+        rpc = getattr(self._ensure().stub, method)
+        try:
+            return rpc(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._translate(exc, method) from exc
 
     # -- the Scorer interface ----------------------------------------------------------
 
@@ -324,28 +313,25 @@ class RemoteScorer:
         return self._models
 
     def prefetch(self, model: str, job_id: str, keys: Sequence[str],
-                 inputs: InputsFn) -> concurrent.futures.Future | None:
+                 inputs: InputsFn) -> _Prefetch | None:
         """Send a Reference request (return_outputs=false) for keys not known to be
         cached; returns its future, or None when there is nothing to send."""
         if not keys or (self._omit and self._known.has_all(model, keys)):
             return None
         request = pb.ReferenceRequest(model=model, job_id=job_id, keys=list(keys), return_outputs=False)
         codec.encode_map(inputs(), request.inputs)
-        future = self._submit("Reference", request)
-        future.jest_keys = (model, list(keys))  # type: ignore[attr-defined]
-        return future
+        return _Prefetch(self._submit("Reference", request), model, list(keys))
 
-    def _prefetched(self, future: concurrent.futures.Future | None) -> bool:
+    def _prefetched(self, handle: _Prefetch | None) -> bool:
         """True once the prefetch for these keys succeeded (they are in the cache)."""
-        if future is None:
+        if handle is None:
             return False
         try:
-            reply = self._wait(future, "Reference")
+            reply = self._wait(handle.future, "Reference")
         except (ScorerUnavailable, ScorerRejected) as exc:
             log.debug("reference prefetch failed, the Select sends inputs: %s", exc)
             return False
-        model, keys = future.jest_keys  # type: ignore[attr-defined]
-        self._known.add(model, keys, reply.model_version)
+        self._known.add(handle.model, handle.keys, reply.model_version)
         return True
 
     def select(self, call: SelectCall, prefetched: Any = None) -> SelectOutcome:
@@ -378,19 +364,15 @@ class RemoteScorer:
                              reply.cache_misses, reply.model_version)
 
     def close(self) -> None:
-        """Close the channel and stop the loop thread (in the process that owns them)."""
+        """Close the channel (in the process that owns it; calls in flight are cancelled)."""
         with self._lock:
             runtime, self._runtime = self._runtime, None
         if runtime is None or runtime.pid != os.getpid():
             return
         try:
-            asyncio.run_coroutine_threadsafe(runtime.channel.close(), runtime.loop).result(timeout=5)
-        except Exception as exc:  # closing is best effort: the loop may be gone at exit
+            runtime.channel.close()
+        except Exception as exc:  # closing is best effort: gRPC may be shutting down at exit
             log.debug("closing scorer channel: %s", exc)
-        runtime.loop.call_soon_threadsafe(runtime.loop.stop)
-        runtime.thread.join(timeout=5)
-        if not runtime.thread.is_alive():
-            runtime.loop.close()
 
     def __enter__(self) -> RemoteScorer:
         return self

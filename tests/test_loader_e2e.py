@@ -1,7 +1,10 @@
 """JESTLoader end to end: a real scorer process on loopback and the embedded LocalScorer
 select the same sub-batches; sub-batches keep the structure of tensor, dict, tuple and
-WebDataset batches; num_workers=2 with a remote scorer runs without hangs."""
+WebDataset batches; num_workers=2 with a remote scorer runs without hangs; a forked
+child can use a RemoteScorer its parent has used."""
 from __future__ import annotations
+
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -154,6 +157,41 @@ def test_num_workers_2_with_a_remote_scorer(start_server, per_example_model, dig
             results[workers] = [sub["__key__"] for sub in run(loader, epochs=2)]
             assert loader.stats.fallbacks == 0
     assert results[2] == results[0] and len(results[2]) == 16
+
+
+def _select_keys(scorer: RemoteScorer, digits: dict, seed: int) -> list[int]:
+    """One prefetch + Select of 64 digits by key, as the loader makes them."""
+    from jest_stream.client.scorer import SelectCall
+    from jest_stream.scores import Losses
+
+    keys = [f"fork-{i:03d}" for i in range(64)]
+    inputs = lambda: {"x": digits["x"][:64], "y": digits["y"][:64]}  # noqa: E731
+    handle = scorer.prefetch("digits", "fork-test", keys, inputs)
+    call = SelectCall(model="digits", job_id="fork-test", n_select=16, keys=keys, inputs=inputs, seed=seed,
+                      learner=Losses(np.linspace(0.0, 1.0, 64, dtype=np.float32)))
+    return scorer.select(call, handle).indices.tolist()
+
+
+def _in_child(scorer: RemoteScorer, digits: dict, answers) -> None:
+    answers.put(_select_keys(scorer, digits, seed=5))
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_child_uses_a_scorer_its_parent_used(start_server, per_example_model, digits):
+    """Fork safety: the child opens its own channel (the parent's is never touched there),
+    and the parent's keeps working afterwards."""
+    server = start_server({"digits": per_example_model})
+    fork = multiprocessing.get_context("fork")
+    with RemoteScorer(server.target, timeout=5.0) as scorer:
+        expected = _select_keys(scorer, digits, seed=5)
+        for _ in range(2):
+            answers = fork.Queue()
+            child = fork.Process(target=_in_child, args=(scorer, digits, answers))
+            child.start()
+            got = answers.get(timeout=30)
+            child.join(30)
+            assert child.exitcode == 0 and got == expected
+        assert _select_keys(scorer, digits, seed=5) == expected
 
 
 def test_tls_and_bearer_token(start_server, per_example_model, digits, tmp_path):
