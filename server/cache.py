@@ -12,9 +12,8 @@ tick, so the order is exact LRU at request granularity (equal ticks: lower row f
 Each operation also appends (tick, rows) to a queue, oldest first; an entry belongs to
 the group of its latest tick, and groups whose rows were touched again since are stale.
 Eviction pops groups off the front, so it costs the entries it drops, not a scan or a
-sort of the whole cache. When an insert would pass the budget, the oldest entries are
-evicted in one go, with some slack (1/16 of the budget), so that a full cache does not
-evict on every insert.
+sort of the whole cache; an insert into a full cache evicts just what it needs, so the
+work is spread evenly over inserts (no long pause every so often).
 """
 from __future__ import annotations
 
@@ -45,13 +44,14 @@ class _Slab:
         self.sizes = np.empty(0, np.int64)       # bytes charged for the row's entry
         self.keys = np.empty(0, object)          # row -> key
         self.index: dict[str, int] = {}
-        self.free: list[int] = []
+        self.free = np.empty(0, np.int64)        # a stack of free rows: the top is handed out first
+        self.n_free = 0
 
     def grow(self, need: int) -> None:
         """Make room for ``need`` more entries (capacity doubles)."""
-        if len(self.free) >= need:
+        if self.n_free >= need:
             return
-        new_cap = max(_MIN_CAPACITY, self.capacity * 2, self.capacity + need - len(self.free))
+        new_cap = max(_MIN_CAPACITY, self.capacity * 2, self.capacity + need - self.n_free)
         extra = new_cap - self.capacity
         for name, (dt, shape) in self.specs.items():
             grown = np.empty((new_cap, *shape), dt)
@@ -60,9 +60,25 @@ class _Slab:
         self.ticks = np.concatenate([self.ticks, np.full(extra, -1, np.int64)])
         self.sizes = np.concatenate([self.sizes, np.zeros(extra, np.int64)])
         self.keys = np.concatenate([self.keys, np.full(extra, None, object)])
-        # pop() takes from the end: hand out low rows first
-        self.free.extend(range(new_cap - 1, self.capacity - 1, -1))
+        free = np.empty(new_cap, np.int64)
+        free[:self.n_free] = self.free[:self.n_free]
+        free[self.n_free:self.n_free + extra] = np.arange(new_cap - 1, self.capacity - 1, -1)  # low rows on top
+        self.free, self.n_free = free, self.n_free + extra
         self.capacity = new_cap
+
+    def take(self, n: int) -> np.ndarray:
+        """``n`` free rows off the top of the stack (call ``grow(n)`` first)."""
+        rows = self.free[self.n_free - n:self.n_free][::-1].copy()
+        self.n_free -= n
+        return rows
+
+    def release(self, rows: np.ndarray) -> None:
+        """Free ``rows`` (distinct, in use); the last released are handed out first."""
+        self.ticks[rows] = -1
+        self.sizes[rows] = 0
+        self.keys[rows] = None
+        self.free[self.n_free:self.n_free + rows.size] = rows
+        self.n_free += rows.size
 
     def check(self, outputs: Mapping[str, np.ndarray], field: str) -> dict[str, np.ndarray]:
         if set(outputs) != set(self.specs):
@@ -156,35 +172,35 @@ class ReferenceCache:
             self._tick += 1
             need = self.bytes + total - self.max_bytes
             if need > 0:
-                self._evict(need + self.max_bytes // 16)
+                self._evict(need)
             slab.grow(n)
-            rows = np.array(slab.free[len(slab.free) - n:][::-1], dtype=np.int64)
-            del slab.free[len(slab.free) - n:]
+            rows = slab.take(n)
             for name, value in values.items():
                 slab.arrays[name][rows] = value
             slab.ticks[rows] = self._tick
             self._used(slab, rows)
             slab.sizes[rows] = size
-            slab.keys[rows] = keys if isinstance(keys, list) else list(keys)
-            before = len(slab.index)
-            slab.index.update(zip(keys, rows.tolist()))
+            keys = keys if isinstance(keys, list) else list(keys)
+            slab.keys[rows] = keys
+            row_list = rows.tolist()
+            # one pass inserts the new keys and says which were there already
+            had = np.fromiter(map(slab.index.setdefault, keys, row_list), dtype=np.int64, count=n)
             self.bytes += total
-            if len(slab.index) - before != n:
-                # some keys were cached already (two requests raced to fill them) or came twice:
-                # the new (last) row won in the index; free the rows it no longer points to
-                self._drop_orphans(slab)
+            clash = np.flatnonzero(had != rows)
+            if clash.size:
+                # keys cached already (two requests raced to fill them) or given twice:
+                # the new (last) row wins, and the rows no longer pointed to are freed
+                for i in clash.tolist():
+                    slab.index[keys[i]] = row_list[i]
+                self._drop_orphans(slab, np.unique(np.concatenate([had[clash], rows[clash]])))
 
-    def _drop_orphans(self, slab: _Slab) -> None:
-        """Free the rows of ``slab`` that the index does not point to (lock held)."""
-        used = np.flatnonzero(slab.ticks >= 0)
-        pointed = np.fromiter(map(slab.index.get, slab.keys[used], repeat(-1, used.size)), dtype=np.int64,
-                              count=used.size)
-        orphans = used[pointed != used]
+    def _drop_orphans(self, slab: _Slab, candidates: np.ndarray) -> None:
+        """Free those of the (distinct) ``candidates`` rows that the index no longer points to."""
+        pointed = np.fromiter(map(slab.index.get, slab.keys[candidates], repeat(-1, candidates.size)),
+                              dtype=np.int64, count=candidates.size)
+        orphans = candidates[pointed != candidates]
         self.bytes -= int(slab.sizes[orphans].sum())
-        slab.ticks[orphans] = -1
-        slab.sizes[orphans] = 0
-        slab.keys[orphans] = None
-        slab.free.extend(orphans.tolist())
+        slab.release(orphans)
 
     def put(self, version: str, key: str, entry: Mapping[str, np.ndarray]) -> None:
         """Insert one sample's outputs (no batch axis)."""
@@ -225,7 +241,4 @@ class ReferenceCache:
                 del index[key]
             self.bytes -= int(sizes.sum())
             self.evictions += int(rows.size)
-            slab.ticks[rows] = -1
-            slab.sizes[rows] = 0
-            slab.keys[rows] = None
-            slab.free.extend(rows.tolist())
+            slab.release(rows)

@@ -266,10 +266,7 @@ class _SortingCache(ReferenceCache):
                 del slab.index[key]
             self.bytes -= int(slab.sizes[rows].sum())
             self.evictions += int(rows.size)
-            slab.ticks[rows] = -1
-            slab.sizes[rows] = 0
-            slab.keys[rows] = None
-            slab.free.extend(rows.tolist())
+            slab.release(rows)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -294,6 +291,7 @@ def test_cache_eviction_is_exact_lru(seed):
         assert (ours.bytes, ours.evictions, len(ours)) == (plain.bytes, plain.evictions, len(plain))
         for v, slab in ours._slabs.items():
             assert slab.index == plain._slabs[v].index
+    _consistent(ours)
     assert ours.evictions > 1000
     assert ours._recency_rows <= 2 * len(ours) + 4096 + 20
 
@@ -308,3 +306,30 @@ def test_recency_queue_stays_bounded_without_evictions():
         cache.get("v", keys)
     assert cache.evictions == 0
     assert cache._recency_rows <= 2 * len(cache) + 4096 + 1000
+
+
+def _consistent(cache: ReferenceCache) -> None:
+    """Every row is either free or held by exactly one indexed key, and bytes add up."""
+    total = 0
+    for slab in cache._slabs.values():
+        used = np.flatnonzero(slab.ticks >= 0)
+        assert sorted(slab.index.values()) == used.tolist()
+        assert all(slab.keys[row] == key for key, row in slab.index.items())
+        assert slab.n_free + used.size == slab.capacity
+        assert sorted(slab.free[:slab.n_free].tolist()) == np.flatnonzero(slab.ticks < 0).tolist()
+        total += int(slab.sizes[used].sum())
+    assert cache.bytes == total
+
+
+def test_keys_given_twice_or_cached_already_keep_the_last_row():
+    cache = ReferenceCache(1 << 20)
+    z = lambda *v: {"loss": np.array(v, np.float32)}  # noqa: E731
+    cache.put_batch("v", ["a", "b"], z(1, 2))
+    cache.put_batch("v", ["a", "c", "a", "a", "d"], z(3, 4, 5, 6, 7))  # cached once, then three times more
+    out, missing = cache.get("v", ["a", "b", "c", "d"])
+    assert missing.size == 0 and out["loss"].tolist() == [6, 2, 4, 7]
+    assert len(cache) == 4
+    _consistent(cache)
+    cache.put_batch("v", ["b", "b"], z(8, 9))
+    assert cache.get("v", ["b"])[0]["loss"].tolist() == [9] and len(cache) == 4
+    _consistent(cache)
