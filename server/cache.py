@@ -229,16 +229,17 @@ class ReferenceCache:
             rows = np.unique(held[slab.ticks[held] == tick])  # still last used at this tick
             if not rows.size:
                 continue
-            sizes = slab.sizes[rows]
-            if freed + int(sizes.sum()) > nbytes:  # only part of this group is needed
-                k = int(np.searchsorted(np.cumsum(sizes), nbytes - freed)) + 1
+            held_bytes = np.cumsum(slab.sizes[rows])
+            if freed + int(held_bytes[-1]) > nbytes:  # only part of this group is needed
+                k = int(np.searchsorted(held_bytes, nbytes - freed)) + 1
                 self._recency.appendleft((tick, slab, rows[k:]))
                 self._recency_rows += rows.size - k
-                rows, sizes = rows[:k], sizes[:k]
-            freed += int(sizes.sum())
+                rows = rows[:k]
+            dropped = int(held_bytes[rows.size - 1])
+            freed += dropped
             index = slab.index
             for key in slab.keys[rows]:
                 del index[key]
-            self.bytes -= int(sizes.sum())
+            self.bytes -= dropped
             self.evictions += int(rows.size)
             slab.release(rows)
