@@ -16,3 +16,11 @@ def test_bench_server_reports_the_four_figures(capsys):
     assert out["fairness"] >= 1.0
     assert len(out["details"]["jobs_3_per_job_examples_per_s"]) == 3
     assert out["config"]["batch"] == 256
+
+
+def test_bench_server_refuses_zero_job_rounds(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["bench", "server", "--job-rounds", "0"])
+    assert "--job-rounds: must be >= 1, got 0" in capsys.readouterr().err
