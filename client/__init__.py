@@ -13,7 +13,7 @@ from jest_stream.client.loader import JESTLoader
 from jest_stream.client.remote import RemoteScorer
 from jest_stream.client.scorer import (LocalScorer, ModelSpec, Scorer, ScorerError, ScorerRejected,
                                        ScorerUnavailable)
-from jest_stream.client.scoring import (per_example_cross_entropy, sigmoid_contrastive_embeddings,
+from jest_stream.client.learner import (per_example_cross_entropy, sigmoid_contrastive_embeddings,
                                         softmax_contrastive_embeddings)
 from jest_stream.client.stats import LoaderStats
 

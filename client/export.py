@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from jest_stream.contract import OUTPUTS_BY_KIND, ModelContract
-from jest_stream.scores import LOSS_KINDS, check_name
+from jest_stream.outputs import LOSS_KINDS, check_name
 
 log = logging.getLogger(__name__)
 

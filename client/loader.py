@@ -27,10 +27,10 @@ import torch
 from jest_stream.client.batches import batch_size, fields_by_name, keys_of, take, to_numpy
 from jest_stream.client.scorer import (ModelSpec, Scorer, ScorerRejected, ScorerUnavailable,
                                        SelectCall, resolve_model)
-from jest_stream.client.scoring import as_learner_scores
+from jest_stream.client.learner import as_learner_scores
 from jest_stream.client.stats import LoaderStats
 from jest_stream.samplers import DEFAULT_N_CHUNKS, SAMPLERS, uniform
-from jest_stream.scores import SCORES, Embeddings, Losses, check_name
+from jest_stream.outputs import SCORES, Embeddings, Losses, check_name
 from jest_stream.selection import make_rng
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class JESTLoader:
 
     ``loader`` yields super-batches of B examples (a DataLoader, a WebLoader, a
     generator); ``score_fn(batch)`` returns the learner's Losses/Embeddings for one
-    (see jest_stream.client.scoring); ``scorer`` is a LocalScorer or RemoteScorer.
+    (see jest_stream.client.learner); ``scorer`` is a LocalScorer or RemoteScorer.
     Each yielded sub-batch holds ``n_select`` examples, or (1 - filter_ratio) * B.
 
     ``key``: a field holding one key per example (``"__key__"``, WebDataset's, by

@@ -41,7 +41,7 @@ import numpy as np
 from jest_stream import codec
 from jest_stream.client.scorer import (InputsFn, KeyMemory, ModelSpec, ScorerRejected, ScorerUnavailable,
                                        SelectCall, SelectOutcome)
-from jest_stream.scores import Embeddings, Losses
+from jest_stream.outputs import Embeddings, Losses
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from jest_stream.scores import Embeddings, Losses
+from jest_stream.outputs import Embeddings, Losses
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,18 @@
 """jest-stream: online data curation (JEST joint example selection, RHO-LOSS) for PyTorch.
 
-The core (this package) is numpy only: scores, samplers, the tensor codec and the
-generated gRPC stubs. The trainer side lives in ``jest_stream.client`` and the shared
-scorer in ``jest_stream.server``; the client's public names are re-exported here lazily,
-so importing ``jest_stream`` never pulls in torch.
+What users call: ``JESTLoader`` around their DataLoader, a scorer (``LocalScorer``
+embedded, ``RemoteScorer`` shared), the learner score helpers, ``export_reference``
+for the reference model, and the core's ``select()`` with its types. The core needs
+numpy, protobuf, msgpack and tqdm; the trainer side (torch) lives in
+``jest_stream.client`` and is imported on first use, so ``import jest_stream`` never
+pulls in torch.
 """
 from __future__ import annotations
 
 import importlib
 
-from jest_stream.samplers import SAMPLERS, chunk_sizes, gumbel_topk, joint, topk, uniform
-from jest_stream.scores import LOSS_KINDS, SCORES, Embeddings, Losses
+from jest_stream.options import SelectOptions
+from jest_stream.outputs import LOSS_KINDS, Embeddings, Losses
 from jest_stream.selection import Selection, select
 
 __version__ = "0.1.0"
@@ -26,10 +28,7 @@ _CLIENT_NAMES = (
     "export_reference",
 )
 
-__all__ = [
-    "LOSS_KINDS", "SAMPLERS", "SCORES", "Embeddings", "Losses", "Selection", "select",
-    "chunk_sizes", "gumbel_topk", "joint", "topk", "uniform", *_CLIENT_NAMES,
-]
+__all__ = ["LOSS_KINDS", "Embeddings", "Losses", "SelectOptions", "Selection", "select", *_CLIENT_NAMES]
 
 
 def __getattr__(name: str):

@@ -15,13 +15,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("jest_stream.server.cli", "run the gRPC scoring server (reference models in ONNX Runtime)"),
     "health": ("jest_stream.server.health_probe", "ask a scorer's grpc.health.v1 service; exit 0 if SERVING"),
     "precompute": ("jest_stream.server.precompute", "fill a reference cache file from WebDataset shards"),
-    "demo": ("jest_stream.client.demo", "train on noisy digits with uniform, RHO-LOSS and JEST selection"),
+    "demo": ("jest_stream.demo.cli", "train on noisy digits with uniform, RHO-LOSS and JEST selection"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
-    "selection": ("jest_stream.benchmark", "selection speed vs the matmul floor and a B x B implementation"),
-    "server": ("jest_stream.client.bench_server", "served vs in-process throughput, cache hits, concurrency, fairness"),
-    "loader": ("jest_stream.client.bench_loader", "JESTLoader overhead, local and remote"),
-    "soak": ("jest_stream.client.bench_soak", "16 jobs against one scorer: errors, latency, memory growth"),
+    "selection": ("jest_stream.bench.selection", "selection speed vs the matmul floor and a B x B implementation"),
+    "server": ("jest_stream.bench.server", "served vs in-process throughput, cache hits, concurrency, fairness"),
+    "loader": ("jest_stream.bench.loader", "JESTLoader overhead, local and remote"),
+    "soak": ("jest_stream.bench.soak", "16 jobs against one scorer: errors, latency, memory growth"),
 }
 
 

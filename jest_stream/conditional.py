@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jest_stream.scores import SCORE_WEIGHTS, Embeddings, Losses, check_name, SCORES
+from jest_stream.options import SCORE_WEIGHTS, SCORES, check_name
+from jest_stream.outputs import LOSS_KINDS, Embeddings, Losses
 
 # softplus(x) = log(1 + e^x) is taken as x - L + softplus(L) above L (error < e^-L = 2e-9).
 _SOFTPLUS_LINEAR = 20.0
@@ -253,6 +254,4 @@ _BY_KIND = {
 
 def conditional_scores(kind: str, learner, reference, score: str = "learnability") -> ConditionalScores:
     """The conditional-score tracker for loss ``kind`` (one of LOSS_KINDS)."""
-    from jest_stream.scores import LOSS_KINDS
-
     return _BY_KIND[check_name(kind, LOSS_KINDS, "kind")](learner, reference, score)

@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from jest_stream.scores import LOSS_KINDS
+from jest_stream.outputs import LOSS_KINDS
 
 KIND_KEY = "jest.kind"
 INPUTS_KEY = "jest.inputs"

@@ -19,9 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from jest_stream.conditional import ConditionalScores
+from jest_stream.options import DEFAULT_N_CHUNKS, check_int
 
-SAMPLERS: tuple[str, ...] = ("joint", "topk", "uniform")
-DEFAULT_N_CHUNKS = 16
 
 
 def check_sizes(batch_size: int, n_select: int) -> None:
@@ -39,9 +38,7 @@ def chunk_sizes(n_select: int, n_chunks: int) -> list[int]:
 
     With more chunks than examples, every chunk holds one example.
     """
-    if isinstance(n_chunks, bool) or not isinstance(n_chunks, (int, np.integer)) or n_chunks < 1:
-        raise ValueError(f"n_chunks: expected an integer >= 1, got {n_chunks!r}")
-    n = min(int(n_chunks), n_select)
+    n = min(check_int(n_chunks, "n_chunks", 1), n_select)
     base = n_select // n
     return [base] * (n - 1) + [n_select - base * (n - 1)]
 

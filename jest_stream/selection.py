@@ -10,20 +10,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from jest_stream.conditional import conditional_scores
-from jest_stream.samplers import DEFAULT_N_CHUNKS, SAMPLERS, joint, topk, uniform
-from jest_stream.scores import LOSS_KINDS, SCORES, SCORE_WEIGHTS, Embeddings, Losses, check_name
+from jest_stream.options import SelectOptions, check_name
+from jest_stream.outputs import LOSS_KINDS, Embeddings, Losses
+from jest_stream.samplers import joint, topk, uniform
 
 SeedLike = int | np.random.Generator | None
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The chosen indices (in selection order) and the mean per-example score of the
-    selected examples and of the whole super-batch (how much selection raised it)."""
+    """A selection: the chosen indices (in selection order), the mean per-example score
+    of the selected examples and of the whole super-batch (how much selection raised it),
+    and, when a scorer made it, its reference-cache figures and model version."""
 
     indices: np.ndarray
     mean_score: float
     mean_score_all: float
+    cache_hits: int = 0
+    cache_misses: int = 0
+    model_version: str = ""
 
 
 def make_rng(seed: SeedLike) -> np.random.Generator:
@@ -35,16 +40,16 @@ def make_rng(seed: SeedLike) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def _expected_type(kind: str):
-    return Losses if kind == "per_example" else Embeddings
+def expected_outputs(kind: str) -> type:
+    """The outputs type a model of loss ``kind`` gives: Losses or Embeddings."""
+    return Losses if check_name(kind, LOSS_KINDS, "kind") == "per_example" else Embeddings
 
 
-def _validated(kind: str, outputs, field: str, needed: bool):
-    if not needed:
-        return None
+def validated_outputs(kind: str, outputs: Losses | Embeddings | None, field: str) -> Losses | Embeddings:
+    """``outputs`` checked (type for ``kind``, shapes, finiteness); ValueError naming ``field``."""
     if outputs is None:
         raise ValueError(f"{field}: required by this score rule, got None")
-    cls = _expected_type(kind)
+    cls = expected_outputs(kind)
     if not isinstance(outputs, cls):
         raise ValueError(f"{field}: kind {kind!r} expects {cls.__name__}, got {type(outputs).__name__}")
     return outputs.validated(field)
@@ -56,40 +61,32 @@ def select(
     kind: str,
     learner: Losses | Embeddings | None,
     reference: Losses | Embeddings | None,
-    score: str = "learnability",
-    sampler: str = "joint",
-    n_chunks: int = DEFAULT_N_CHUNKS,
-    score_gain: float = 1.0,
+    options: SelectOptions = SelectOptions(),
     seed: SeedLike = None,
 ) -> Selection:
     """Select ``n_select`` examples of a super-batch from learner and reference outputs.
 
     ``kind`` is the loss kind (per_example, sigmoid_contrastive, softmax_contrastive);
-    ``score`` the rule (learnability, hard_learner, easy_reference); ``sampler`` one of
-    joint, topk, uniform. Raises ValueError naming the argument on bad input.
+    ``options`` the rule (score, sampler, chunks, gain). Raises ValueError naming the
+    argument on bad input.
     """
-    check_name(kind, LOSS_KINDS, "kind")
-    check_name(score, SCORES, "score")
-    check_name(sampler, SAMPLERS, "sampler")
-    if not np.isfinite(score_gain):
-        raise ValueError(f"score_gain: must be finite, got {score_gain}")
-    w_learner, w_reference = SCORE_WEIGHTS[score]
-    learner = _validated(kind, learner, "learner", bool(w_learner))
-    reference = _validated(kind, reference, "reference", bool(w_reference))
-    if learner is not None and reference is not None:
-        if learner.batch_size != reference.batch_size:
-            raise ValueError(
-                f"reference: {reference.batch_size} examples but learner has {learner.batch_size}; "
-                "both must score the same super-batch"
-            )
+    if not isinstance(options, SelectOptions):
+        raise TypeError(f"options: expected a SelectOptions, got {type(options).__name__}")
+    learner = validated_outputs(kind, learner, "learner") if options.needs_learner else None
+    reference = validated_outputs(kind, reference, "reference") if options.needs_reference else None
+    if learner is not None and reference is not None and learner.batch_size != reference.batch_size:
+        raise ValueError(
+            f"reference: {reference.batch_size} examples but learner has {learner.batch_size}; "
+            "both must score the same super-batch"
+        )
     rng = make_rng(seed)
-    scores = conditional_scores(kind, learner, reference, score)
+    scores = conditional_scores(kind, learner, reference, options.score)
     batch = scores.batch_size
-    if sampler == "uniform":
+    if options.sampler == "uniform":
         indices = uniform(batch, n_select, rng)
-    elif sampler == "topk":
+    elif options.sampler == "topk":
         indices = topk(scores.diagonal(), n_select)
     else:
-        indices = joint(scores, n_select, rng, n_chunks=n_chunks, score_gain=score_gain)
+        indices = joint(scores, n_select, rng, n_chunks=options.n_chunks, score_gain=options.score_gain)
     diag = scores.diagonal()
     return Selection(indices, float(diag[indices].mean()), float(diag.mean()))

@@ -25,7 +25,7 @@ import numpy as np
 from jest_stream.cachefile import CacheFileError, read_cache_file
 from jest_stream.contract import ModelContract
 from jest_stream.samplers import DEFAULT_N_CHUNKS, SAMPLERS, check_sizes
-from jest_stream.scores import SCORE_WEIGHTS, SCORES, Embeddings, Losses, check_name
+from jest_stream.outputs import SCORE_WEIGHTS, SCORES, Embeddings, Losses, check_name
 from jest_stream.selection import Selection, make_rng, select
 
 from .cache import ReferenceCache

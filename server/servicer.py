@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from jest_stream import codec
-from jest_stream.scores import Embeddings, Losses
+from jest_stream.outputs import Embeddings, Losses
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
 

@@ -9,7 +9,8 @@ import grpc
 import numpy as np
 
 from jest_stream import codec
-from jest_stream.scores import Embeddings, Losses
+from jest_stream.outputs import Embeddings, Losses
+from jest_stream.options import SelectOptions
 from jest_stream.selection import select
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
@@ -113,7 +114,7 @@ class OrtReference:
                n_chunks: int = 16):
         """What the core selects for this super-batch (jest_stream.select, called directly)."""
         return select(n_select, kind=self.contract.kind, learner=learner, reference=self.scores(inputs),
-                      score=score, sampler=sampler, n_chunks=n_chunks, seed=seed)
+                      options=SelectOptions(score=score, sampler=sampler, n_chunks=n_chunks), seed=seed)
 
 
 async def expect_code(call, code: grpc.StatusCode) -> grpc.aio.AioRpcError:

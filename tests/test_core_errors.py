@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jest_stream import Embeddings, Losses, select
+from jest_stream import Embeddings, Losses, SelectOptions, select
 
 rng = np.random.default_rng(0)
 L8 = Losses(rng.random(8))
@@ -15,7 +15,8 @@ def per_example(**overrides):
     args = dict(n_select=3, kind="per_example", learner=L8, reference=L8)
     args.update(overrides)
     n = args.pop("n_select")
-    return select(n, **args)
+    rule = {k: args.pop(k) for k in ("score", "sampler", "n_chunks", "score_gain") if k in args}
+    return select(n, **args, options=SelectOptions(**rule))
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -30,7 +31,7 @@ def per_example(**overrides):
     ({"score": "fun"}, "score: unknown value 'fun'"),
     ({"sampler": "greedy"}, "sampler: unknown value 'greedy'"),
     ({"n_chunks": 0}, "n_chunks: expected an integer >= 1"),
-    ({"score_gain": float("nan")}, "score_gain: must be finite"),
+    ({"score_gain": float("nan")}, "score_gain: must be a finite number"),
     ({"seed": -1}, "seed: expected a non-negative integer"),
     ({"learner": EMB}, "learner: kind 'per_example' expects Losses, got Embeddings"),
     ({"reference": None}, "reference: required by this score rule"),

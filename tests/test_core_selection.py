@@ -10,7 +10,8 @@ import itertools
 import numpy as np
 import pytest
 
-from jest_stream import Embeddings, Losses, chunk_sizes, gumbel_topk, joint, select, topk
+from jest_stream import Embeddings, Losses, SelectOptions, select
+from jest_stream.samplers import chunk_sizes, gumbel_topk, joint, topk
 from jest_stream.conditional import softplus_colsum
 
 B = 256
@@ -94,10 +95,10 @@ def learnability_by_ratio(sigmoid_problem):
     for f in (0.5, 0.8, 0.9):
         b = round((1 - f) * B)
         joint_l = [set_learnability(s, select(b, kind="sigmoid_contrastive", learner=learner,
-                                               reference=reference, n_chunks=16, seed=seed).indices)
+                                               reference=reference, options=SelectOptions(n_chunks=16), seed=seed).indices)
                    for seed in range(20)]
         uniform_l = [set_learnability(s, select(b, kind="sigmoid_contrastive", learner=learner,
-                                                 reference=reference, sampler="uniform", seed=seed).indices)
+                                                 reference=reference, options=SelectOptions(sampler="uniform"), seed=seed).indices)
                      for seed in range(20)]
         chain = gibbs_chain(s, b, np.random.default_rng(11))
         out[f] = (float(np.mean(joint_l)), float(np.mean(uniform_l)), chain)
@@ -207,7 +208,7 @@ def test_per_example_joint_matches_independent_exp_weighted_sampling(per_example
     counts = np.zeros(8)
     for seed in range(runs):
         idx = select(3, kind="per_example", learner=Losses(learner), reference=Losses(reference),
-                     n_chunks=16, seed=seed).indices
+                     options=SelectOptions(n_chunks=16), seed=seed).indices
         counts[idx] += 1
     assert _max_z(counts, probs, runs) < 4.0
 
@@ -227,7 +228,7 @@ def test_topk_returns_exactly_the_b_largest():
     rng = np.random.default_rng(1)
     learner, reference = rng.normal(size=500), rng.normal(size=500)
     idx = select(37, kind="per_example", learner=Losses(learner), reference=Losses(reference),
-                 sampler="topk").indices
+                 options=SelectOptions(sampler="topk")).indices
     assert sorted(idx.tolist()) == sorted(np.argsort(reference - learner)[:37].tolist())
     assert len(set(idx.tolist())) == 37
 
@@ -236,8 +237,8 @@ def test_topk_is_the_high_gain_limit_of_joint_on_per_example_scores():
     rng = np.random.default_rng(2)
     learner = Losses(rng.normal(size=300))
     reference = Losses(rng.normal(size=300))
-    greedy = select(30, kind="per_example", learner=learner, reference=reference, sampler="topk").indices
-    sampled = select(30, kind="per_example", learner=learner, reference=reference, score_gain=1e4, seed=3).indices
+    greedy = select(30, kind="per_example", learner=learner, reference=reference, options=SelectOptions(sampler="topk")).indices
+    sampled = select(30, kind="per_example", learner=learner, reference=reference, options=SelectOptions(score_gain=1e4), seed=3).indices
     assert set(greedy.tolist()) == set(sampled.tolist())
 
 
@@ -288,8 +289,8 @@ def full_matrix_softmax_joint(learner, reference, n_select, n_chunks, seed, gain
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_incremental_joint_equals_full_matrix(kind, reference_impl, seed):
     learner, reference = make_pair(seed, batch=48, dim=8)
-    ours = select(13, kind=kind, learner=learner, reference=reference, n_chunks=4, seed=seed,
-                  score_gain=2.0).indices
+    ours = select(13, kind=kind, learner=learner, reference=reference, seed=seed,
+                  options=SelectOptions(n_chunks=4, score_gain=2.0)).indices
     theirs = reference_impl(learner, reference, 13, 4, seed, gain=2.0)
     assert ours.tolist() == theirs.tolist()
 
@@ -323,7 +324,7 @@ def test_single_model_rules_need_only_that_model(score):
     learner, reference = make_pair(2)
     kwargs = {"learner": learner, "reference": None} if score == "hard_learner" else \
         {"learner": None, "reference": reference}
-    idx = select(20, kind="sigmoid_contrastive", score=score, seed=0, **kwargs).indices
+    idx = select(20, kind="sigmoid_contrastive", options=SelectOptions(score=score), seed=0, **kwargs).indices
     assert len(set(idx.tolist())) == 20
 
 
@@ -333,6 +334,6 @@ def test_per_example_joint_is_one_plackett_luce_draw_of_b():
     rng = np.random.default_rng(5)
     learner, reference = rng.normal(size=400), rng.normal(size=400)
     got = select(60, kind="per_example", learner=Losses(learner), reference=Losses(reference),
-                 n_chunks=16, score_gain=3.0, seed=11).indices
+                 options=SelectOptions(n_chunks=16, score_gain=3.0), seed=11).indices
     want = gumbel_topk(3.0 * (learner - reference), 60, np.random.default_rng(11))
     assert got.tolist() == want.tolist()

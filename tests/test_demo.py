@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from jest_stream.client import demo
-from jest_stream.client.demo_data import (flip_labels, make_classification, make_contrastive, mismatch_pairs,
+from jest_stream.demo.data import (flip_labels, make_classification, make_contrastive, mismatch_pairs,
                                           read_shards, write_shards)
-from jest_stream.client.demo_report import MethodRuns, cost_per_example, steps_to_reach, summarize
+from jest_stream.demo.report import MethodRuns, cost_per_example, steps_to_reach, summarize
 
 SMALL = ["--seeds", "1", "--steps", "20", "--eval-every", "5", "--super-batch", "80"]
 

@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 
 from jest_stream import Embeddings, Losses
 from jest_stream.client.batches import batch_size, fields_by_name, keys_of, take, to_numpy
-from jest_stream.client.scoring import (as_learner_scores, per_example_cross_entropy,
+from jest_stream.client.learner import (as_learner_scores, per_example_cross_entropy,
                                         sigmoid_contrastive_embeddings, softmax_contrastive_embeddings)
 
 DIGITS = load_digits()

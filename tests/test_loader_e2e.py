@@ -162,7 +162,7 @@ def test_num_workers_2_with_a_remote_scorer(start_server, per_example_model, dig
 def _select_keys(scorer: RemoteScorer, digits: dict, seed: int) -> list[int]:
     """One prefetch + Select of 64 digits by key, as the loader makes them."""
     from jest_stream.client.scorer import SelectCall
-    from jest_stream.scores import Losses
+    from jest_stream.outputs import Losses
 
     keys = [f"fork-{i:03d}" for i in range(64)]
     inputs = lambda: {"x": digits["x"][:64], "y": digits["y"][:64]}  # noqa: E731

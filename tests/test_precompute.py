@@ -13,7 +13,7 @@ import pytest
 
 from jest_stream import codec
 from jest_stream.cachefile import read_cache_file
-from jest_stream.scores import Embeddings, Losses
+from jest_stream.outputs import Embeddings, Losses
 from jest_stream.server.precompute import expand_braces, precompute, shard_paths
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
@@ -22,7 +22,7 @@ from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
 @pytest.fixture(scope="module")
 def digit_shards(tmp_path_factory):
     """The demo's noisy training split (1137 digits, fields x and y) as 9 WebDataset shards."""
-    from jest_stream.client.demo_data import make_classification, write_shards
+    from jest_stream.demo.data import make_classification, write_shards
 
     data = make_classification(noise=0.3, seed=0)
     out = tmp_path_factory.mktemp("shards")
@@ -33,7 +33,7 @@ def digit_shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pair_shards(tmp_path_factory):
     """Contrastive pairs (fields image and text) as WebDataset shards."""
-    from jest_stream.client.demo_data import make_contrastive, write_shards
+    from jest_stream.demo.data import make_contrastive, write_shards
 
     data = make_contrastive(noise=0.3, seed=0)
     out = tmp_path_factory.mktemp("pairs")

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from jest_stream import JESTLoader, RemoteScorer, per_example_cross_entropy
 from jest_stream.client import ScorerUnavailable
 from jest_stream.client.scorer import SelectCall
-from jest_stream.scores import Losses
+from jest_stream.outputs import Losses
 
 N, B, FILTER = 640, 64, 0.75        # 10 super-batches per epoch, b = 16
 b = round((1 - FILTER) * B)

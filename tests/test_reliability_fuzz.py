@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from jest_stream import codec
 from jest_stream.client import LocalScorer
 from jest_stream.client.scorer import SelectCall
-from jest_stream.scores import Embeddings, Losses
+from jest_stream.outputs import Embeddings, Losses
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
 

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from jest_stream import codec
 from jest_stream.client import RemoteScorer, ScorerRejected
 from jest_stream.client.scorer import SelectCall
-from jest_stream.scores import Losses
+from jest_stream.outputs import Losses
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
 

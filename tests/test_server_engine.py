@@ -11,7 +11,7 @@ from server_util import OrtReference, inputs_for, learner_for
 
 from jest_stream.cachefile import CacheFileError, CacheFileWriter, iter_cache_file, read_cache_file
 from jest_stream.contract import ContractError, model_version
-from jest_stream.scores import Losses
+from jest_stream.outputs import Losses
 from jest_stream.server.cache import ENTRY_OVERHEAD, ReferenceCache
 from jest_stream.server.engine import ScoringEngine, UnknownModel
 

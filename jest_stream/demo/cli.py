@@ -33,9 +33,9 @@ MODEL_NAME = "reference"
 
 def _task(name: str):
     if name == "classification":
-        from jest_stream.client.demo_classification import TASK
+        from jest_stream.demo.classification import TASK
     else:
-        from jest_stream.client.demo_contrastive import TASK
+        from jest_stream.demo.contrastive import TASK
     return TASK
 
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, defaults: dict):
-    from jest_stream.client.demo_training import TrainConfig
+    from jest_stream.demo.training import TrainConfig
 
     big_b = args.super_batch or defaults["super_batch"]
     if not 0.0 <= args.filter_ratio < 1.0:
@@ -107,9 +107,9 @@ def run(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from jest_stream.client.demo_data import read_shards, write_shards
-    from jest_stream.client.demo_report import MethodRuns, plot, summarize
-    from jest_stream.client.demo_training import SuperBatches, test_tensors, train_run
+    from jest_stream.demo.data import read_shards, write_shards
+    from jest_stream.demo.report import MethodRuns, plot, summarize
+    from jest_stream.demo.training import SuperBatches, test_tensors, train_run
     from jest_stream.client.scorer import LocalScorer
 
     torch.set_num_threads(max(1, args.threads))
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jest-stream demo``; prints the table (or JSON) and returns 0."""
-    from jest_stream.client.demo_report import format_table, to_json
+    from jest_stream.demo.report import format_table, to_json
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.json:  # keep stdout clean for the JSON

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from jest_stream.client.demo_data import DemoData, Split
+from jest_stream.demo.data import DemoData, Split
 from jest_stream.client.loader import JESTLoader
 
 

@@ -2,7 +2,7 @@
 
 The JESTLoader calls the user's ``score_fn(super_batch)`` under ``torch.no_grad()``
 with the learner's current parameters. ``score_fn`` may return ``Losses`` or
-``Embeddings`` (jest_stream.scores), or a 1-D tensor / array of per-example losses.
+``Embeddings`` (jest_stream.outputs), or a 1-D tensor / array of per-example losses.
 These helpers build the first two from logits or embeddings, one per loss kind:
 
 - ``per_example_cross_entropy(logits, targets)``: classification (B, C) or token
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jest_stream.scores import Embeddings, Losses
+from jest_stream.outputs import Embeddings, Losses
 
 LearnerScores = Losses | Embeddings
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from jest_stream.client.demo_data import Split, make_contrastive
-from jest_stream.client.demo_models import TwoTower, retrieval_accuracy, sigmoid_loss, train_two_tower
-from jest_stream.client.demo_training import Task
-from jest_stream.client.scoring import sigmoid_contrastive_embeddings
+from jest_stream.demo.data import Split, make_contrastive
+from jest_stream.demo.models import TwoTower, retrieval_accuracy, sigmoid_loss, train_two_tower
+from jest_stream.demo.training import Task
+from jest_stream.client.learner import sigmoid_contrastive_embeddings
 
 REFERENCE_STEPS = 150
 REFERENCE_BATCH = 64

@@ -23,7 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from jest_stream.samplers import chunk_sizes, gumbel_topk
-from jest_stream.scores import Embeddings
+from jest_stream.outputs import Embeddings
+from jest_stream.options import SelectOptions
 from jest_stream.selection import select
 
 
@@ -80,7 +81,7 @@ def run_case(batch: int, dim: int = 256, filter_ratio: float = 0.8, n_chunks: in
 
     def ours():
         select(n_select, kind="sigmoid_contrastive", learner=learner, reference=reference,
-               sampler="joint", n_chunks=n_chunks, seed=1)
+               options=SelectOptions(sampler="joint", n_chunks=n_chunks), seed=1)
 
     cols = rng.choice(batch, n_select, replace=False)
     sizes = chunk_sizes(n_select, n_chunks)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from jest_stream.client.demo_data import Split, make_classification
-from jest_stream.client.demo_models import DigitMLP, PerExampleCrossEntropy, accuracy, train_classifier
-from jest_stream.client.demo_training import Task
-from jest_stream.client.scoring import per_example_cross_entropy
+from jest_stream.demo.data import Split, make_classification
+from jest_stream.demo.models import DigitMLP, PerExampleCrossEntropy, accuracy, train_classifier
+from jest_stream.demo.training import Task
+from jest_stream.client.learner import per_example_cross_entropy
 
 REFERENCE_STEPS = 200
 REFERENCE_BATCH = 64

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from jest_stream.client.demo_data import N_CLASSES, N_PIXELS
+from jest_stream.demo.data import N_CLASSES, N_PIXELS
 
 
 class DigitMLP(nn.Module):

@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.threads:
             scorer += ["--intra-op-threads", str(args.threads)]
         scorer += ["--inference-workers", str(args.inference_workers)]
-        echo = [sys.executable, "-m", "jest_stream.client.bench_server", "--echo-server", str(echo_port)]
+        echo = [sys.executable, "-m", "jest_stream.bench.server", "--echo-server", str(echo_port)]
         with _process(scorer, os.path.join(tmp, "scorer.log")) as proc, \
                 _process(echo, os.path.join(tmp, "echo.log")):
             target = f"127.0.0.1:{port}"

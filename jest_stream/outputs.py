@@ -1,8 +1,5 @@
-"""What each model says about a super-batch, and the score rules that combine them.
-
-A model's outputs for B examples are either per-example losses (``Losses``) or
-contrastive embeddings (``Embeddings``). A score rule weighs learner against
-reference: learnability = l(learner) - l(reference) (JEST, RHO-LOSS).
+"""What a model says about a super-batch of B examples: per-example losses (``Losses``)
+or contrastive embeddings (``Embeddings``), one type per loss kind family.
 """
 from __future__ import annotations
 
@@ -11,21 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 
 LOSS_KINDS: tuple[str, ...] = ("per_example", "sigmoid_contrastive", "softmax_contrastive")
-
-# Score rule -> (learner weight, reference weight) on the losses.
-SCORE_WEIGHTS: dict[str, tuple[float, float]] = {
-    "learnability": (1.0, -1.0),
-    "hard_learner": (1.0, 0.0),
-    "easy_reference": (0.0, -1.0),
-}
-SCORES: tuple[str, ...] = tuple(SCORE_WEIGHTS)
-
-
-def check_name(value: str, allowed: tuple[str, ...], field: str) -> str:
-    """Return ``value`` if it is one of ``allowed``, else raise a ValueError naming ``field``."""
-    if value not in allowed:
-        raise ValueError(f"{field}: unknown value {value!r}; expected one of {', '.join(allowed)}")
-    return value
 
 
 def check_finite(array: np.ndarray, field: str) -> None:
@@ -96,17 +78,3 @@ class Embeddings:
     @property
     def batch_size(self) -> int:
         return int(np.shape(self.image)[0])
-
-
-ModelOutputs = Losses | Embeddings
-
-
-def per_example_score(learner: Losses | None, reference: Losses | None, score: str) -> np.ndarray:
-    """The per-example score vector s (B,) of rule ``score`` (before gain)."""
-    w_learner, w_reference = SCORE_WEIGHTS[check_name(score, SCORES, "score")]
-    total = None
-    for weight, losses in ((w_learner, learner), (w_reference, reference)):
-        if weight:
-            term = weight * losses.values
-            total = term if total is None else total + term
-    return total

@@ -1,0 +1,77 @@
+"""SelectOptions: how one super-batch is selected, validated once where it enters.
+
+The loader, the servicer (from the wire) and the embedded scorer build one
+``SelectOptions``; everything after them (the engine, ``select()``, the samplers)
+takes it as it is. The defaults live here and nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+# Score rule -> (learner weight, reference weight) on the losses:
+# learnability = l(learner) - l(reference) (JEST, RHO-LOSS), hard_learner = l(learner),
+# easy_reference = -l(reference).
+SCORE_WEIGHTS: dict[str, tuple[float, float]] = {
+    "learnability": (1.0, -1.0),
+    "hard_learner": (1.0, 0.0),
+    "easy_reference": (0.0, -1.0),
+}
+SCORES: tuple[str, ...] = tuple(SCORE_WEIGHTS)
+SAMPLERS: tuple[str, ...] = ("joint", "topk", "uniform")
+DEFAULT_N_CHUNKS = 16
+
+
+def check_name(value: str, allowed: tuple[str, ...], field: str) -> str:
+    """Return ``value`` if it is one of ``allowed``, else raise a ValueError naming ``field``."""
+    if value not in allowed:
+        raise ValueError(f"{field}: unknown value {value!r}; expected one of {', '.join(allowed)}")
+    return value
+
+
+def check_int(value: Any, field: str, minimum: int) -> int:
+    """``value`` as an int if it is an integer >= ``minimum``, else a ValueError naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{field}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """The selection rule: score (learnability, hard_learner, easy_reference), sampler
+    (joint, topk, uniform), the joint sampler's chunk count and the score gain
+    (how greedy the sampler is). Raises ValueError naming the field on a bad value."""
+
+    score: str = "learnability"
+    sampler: str = "joint"
+    n_chunks: int = DEFAULT_N_CHUNKS
+    score_gain: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_name(self.score, SCORES, "score")
+        check_name(self.sampler, SAMPLERS, "sampler")
+        object.__setattr__(self, "n_chunks", check_int(self.n_chunks, "n_chunks", 1))
+        gain = self.score_gain
+        if isinstance(gain, bool) or not isinstance(gain, (int, float, np.floating, np.integer)) \
+                or not np.isfinite(gain):
+            raise ValueError(f"score_gain: must be a finite number, got {gain!r}")
+        object.__setattr__(self, "score_gain", float(gain))
+
+    @property
+    def needs_learner(self) -> bool:
+        return bool(SCORE_WEIGHTS[self.score][0])
+
+    @property
+    def needs_reference(self) -> bool:
+        return bool(SCORE_WEIGHTS[self.score][1])
+
+    @classmethod
+    def from_fields(cls, **given: Any) -> SelectOptions:
+        """Options from possibly-unset fields (None, "" or 0: the default), as the wire sends them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise ValueError(f"options: unknown field(s) {unknown}; expected {sorted(names)}")
+        return cls(**{k: v for k, v in given.items() if v not in (None, "", 0)})
