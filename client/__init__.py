@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib
 
-from jest_stream.client.loader import JESTLoader
-from jest_stream.client.remote import RemoteScorer
-from jest_stream.client.scorer import (LocalScorer, ModelSpec, Scorer, ScorerError, ScorerRejected,
-                                       ScorerUnavailable)
 from jest_stream.client.learner import (per_example_cross_entropy, sigmoid_contrastive_embeddings,
                                         softmax_contrastive_embeddings)
+from jest_stream.client.loader import JESTLoader
+from jest_stream.client.local import LocalScorer
+from jest_stream.client.remote import RemoteScorer
+from jest_stream.client.scorer import Scorer, ScorerError, ScorerRejected, ScorerUnavailable
 from jest_stream.client.stats import LoaderStats
+from jest_stream.contract import ModelSpec
 
 __all__ = [
     "JESTLoader", "LoaderStats", "LocalScorer", "ModelSpec", "RemoteScorer", "Scorer", "ScorerError",

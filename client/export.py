@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from jest_stream.contract import OUTPUTS_BY_KIND, ModelContract
-from jest_stream.outputs import LOSS_KINDS, check_name
+from jest_stream.options import check_name
+from jest_stream.outputs import LOSS_KINDS
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from jest_stream.client.batches import batch_size, fields_by_name, keys_of, take, to_numpy
-from jest_stream.client.scorer import (ModelSpec, Scorer, ScorerRejected, ScorerUnavailable,
-                                       SelectCall, resolve_model)
 from jest_stream.client.learner import as_learner_scores
+from jest_stream.client.scorer import Scorer, ScorerRejected, ScorerUnavailable, SelectCall, resolve_model
 from jest_stream.client.stats import LoaderStats
-from jest_stream.samplers import DEFAULT_N_CHUNKS, SAMPLERS, uniform
-from jest_stream.outputs import SCORES, Embeddings, Losses, check_name
+from jest_stream.contract import ModelSpec
+from jest_stream.options import DEFAULT_N_CHUNKS, SelectOptions, check_name
+from jest_stream.outputs import Embeddings, Losses
+from jest_stream.samplers import uniform
 from jest_stream.selection import make_rng
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,7 @@ class JESTLoader:
                  reference_inputs: Callable[[Any], Mapping[str, Any]] | None = None,
                  prefetch: bool = True, fallback: str = "uniform", retry_after: float = 2.0,
                  job: str | None = None, log_every: int = 0):
-        check_name(score, SCORES, "score")
-        check_name(sampler, SAMPLERS, "sampler")
+        self.options = SelectOptions(score=score, sampler=sampler, n_chunks=n_chunks, score_gain=score_gain)
         check_name(fallback, FALLBACKS, "fallback")
         if not 0.0 <= filter_ratio < 1.0:
             raise ValueError(f"filter_ratio: the fraction of each super-batch dropped must be in "
@@ -151,8 +151,6 @@ class JESTLoader:
         self._model = model
         self.filter_ratio = float(filter_ratio)
         self.n_select = None if n_select is None else int(n_select)
-        self.score, self.sampler = score, sampler
-        self.n_chunks, self.score_gain = int(n_chunks), float(score_gain)
         self.seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy)
         self._key = key
         self._reference_inputs = reference_inputs
@@ -282,14 +280,14 @@ class JESTLoader:
 
     def _inputs_of(self, batch: Any) -> dict[str, np.ndarray]:
         spec = self._model_spec()
-        names = list(spec.inputs)
+        names = spec.input_names
         raw = (self._reference_inputs(batch) if self._reference_inputs is not None
                else fields_by_name(batch, names))
         missing = [n for n in names if n not in raw]
         if missing:
             raise ValueError(f"reference_inputs: returned {sorted(raw)} but model {spec.name!r} needs "
                              f"inputs {names}")
-        return {n: to_numpy(raw[n], spec.inputs[n][0], f"reference_inputs[{n!r}]") for n in names}
+        return {n: to_numpy(raw[n], spec.input(n).dtype, f"reference_inputs[{n!r}]") for n in names}
 
     def _sub_batch_size(self, size: int) -> int:
         if self.n_select is not None:
@@ -332,8 +330,7 @@ class JESTLoader:
             spec = self._model_spec()
             outcome = self._scorer.select(SelectCall(
                 model=spec.name, job_id=self.job_id, learner=learner, n_select=n_select,
-                keys=item.keys, inputs=item.inputs, score=self.score, sampler=self.sampler,
-                n_chunks=self.n_chunks, score_gain=self.score_gain, seed=seed), item.prefetched)
+                keys=item.keys, inputs=item.inputs, options=self.options, seed=seed), item.prefetched)
         except ScorerUnavailable as exc:
             self._breaker.trip(exc)
             if self.fallback == "raise":

@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
-from jest_stream import codec
-from jest_stream.client.scorer import (InputsFn, KeyMemory, ModelSpec, ScorerRejected, ScorerUnavailable,
-                                       SelectCall, SelectOutcome)
-from jest_stream.outputs import Embeddings, Losses
+from jest_stream import codec, wire
+from jest_stream.client.scorer import InputsFn, KeyMemory, ScorerRejected, ScorerUnavailable, SelectCall
+from jest_stream.contract import ModelSpec
+from jest_stream.selection import Selection
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
 
@@ -126,26 +125,6 @@ def _credentials(tls: bool | str | os.PathLike | grpc.ChannelCredentials | None)
         raise FileNotFoundError(f"tls: CA certificate file {str(root)!r} does not exist; pass tls=True "
                                 "for the system roots or a grpc.ChannelCredentials")
     return grpc.ssl_channel_credentials(root_certificates=root.read_bytes())
-
-
-def encode_learner(learner: Losses | Embeddings, out: pb.LearnerScores) -> None:
-    """Fill a LearnerScores message from Losses or Embeddings."""
-    if isinstance(learner, Losses):
-        codec.encode(np.asarray(learner.values, dtype=np.float32), out.losses)
-    else:
-        codec.encode(np.asarray(learner.image, dtype=np.float32), out.image_embeds)
-        codec.encode(np.asarray(learner.text, dtype=np.float32), out.text_embeds)
-        out.logit_scale = float(learner.logit_scale)
-        out.logit_bias = float(learner.logit_bias)
-
-
-def _spec_from_proto(info: pb.ModelInfo) -> ModelSpec:
-    inputs = {}
-    for spec in info.inputs:
-        name = pb.DataType.Name(spec.dtype).removeprefix("DT_").lower()
-        inputs[spec.name] = (np.dtype(name), tuple(int(n) for n in spec.shape))
-    return ModelSpec(info.name, info.kind, inputs, info.version, float(info.logit_scale),
-                     float(info.logit_bias))
 
 
 @dataclass
@@ -309,7 +288,7 @@ class RemoteScorer:
         self._ensure()
         if self._models is None:
             reply = self._call("ListModels", pb.ListModelsRequest())
-            self._models = {info.name: _spec_from_proto(info) for info in reply.models}
+            self._models = {info.name: wire.spec_from_proto(info) for info in reply.models}
         return self._models
 
     def prefetch(self, model: str, job_id: str, keys: Sequence[str],
@@ -334,18 +313,16 @@ class RemoteScorer:
         self._known.add(handle.model, handle.keys, reply.model_version)
         return True
 
-    def select(self, call: SelectCall, prefetched: Any = None) -> SelectOutcome:
+    def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
         keys = list(call.keys) if call.keys else []
         was_prefetched = self._prefetched(prefetched)
         omit = bool(keys) and bool(self._omit) and call.inputs is not None and (
             was_prefetched or self._known.has_all(call.model, keys))
-        request = pb.SelectRequest(
-            model=call.model, job_id=call.job_id, keys=keys, n_select=int(call.n_select),
-            score=call.score, sampler=call.sampler, n_chunks=int(call.n_chunks),
-            score_gain=float(call.score_gain))
+        request = pb.SelectRequest(model=call.model, job_id=call.job_id, keys=keys, n_select=int(call.n_select))
+        wire.options_to_proto(call.options, request)
         if call.seed is not None:
             request.seed = int(call.seed)
-        encode_learner(call.learner, request.learner)
+        wire.learner_to_proto(call.learner, request.learner)
         if not omit and call.inputs is not None:
             codec.encode_map(call.inputs(), request.inputs)
         try:
@@ -359,9 +336,7 @@ class RemoteScorer:
             reply = self._call("Select", request)
         if keys:
             self._known.add(call.model, keys, reply.model_version)
-        return SelectOutcome(np.fromiter(reply.indices, dtype=np.int64, count=len(reply.indices)),
-                             reply.mean_score, reply.mean_score_all, reply.cache_hits,
-                             reply.cache_misses, reply.model_version)
+        return wire.selection_from_proto(reply)
 
     def close(self) -> None:
         """Close the channel (in the process that owns it; calls in flight are cancelled)."""

@@ -61,7 +61,6 @@ class LoaderStats:
         """Mean score (learnability by default) of the selected examples, scored steps only."""
         return self.score_sum / self.scored if self.scored else float("nan")
 
-    mean_learnability = mean_score
 
     @property
     def mean_score_all(self) -> float:

@@ -39,6 +39,17 @@ def dtype_code(dtype: np.dtype | str | type, field: str = "array") -> int:
     return code
 
 
+def numpy_dtype(code: int, field: str = "dtype") -> np.dtype:
+    """The numpy dtype of a proto DataType code; TensorDecodeError naming ``field`` if unknown."""
+    dtype = _FROM_PROTO.get(code)
+    if dtype is None:
+        raise TensorDecodeError(
+            f"{field}: unknown dtype code {code}; expected one of "
+            f"{', '.join(pb.DataType.Name(c) for c in _FROM_PROTO)}"
+        )
+    return dtype
+
+
 def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
     """Encode ``array`` as a proto Tensor (into ``out`` if given, e.g. a map entry)."""
     arr = np.asarray(array)
@@ -58,12 +69,7 @@ def decode(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     Raises TensorDecodeError naming ``name`` for an unknown dtype, a negative
     dimension or a byte length that does not match dtype x shape.
     """
-    dtype = _FROM_PROTO.get(tensor.dtype)
-    if dtype is None:
-        raise TensorDecodeError(
-            f"{name}.dtype: unknown dtype code {tensor.dtype}; expected one of "
-            f"{', '.join(pb.DataType.Name(c) for c in _FROM_PROTO)}"
-        )
+    dtype = numpy_dtype(tensor.dtype, f"{name}.dtype")
     shape = tuple(int(n) for n in tensor.shape)
     if any(n < 0 for n in shape):
         raise TensorDecodeError(f"{name}.shape: dimensions must be >= 0, got {list(shape)}")

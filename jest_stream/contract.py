@@ -1,4 +1,5 @@
-"""The reference-model contract (DESIGN section 4), read from ONNX ``metadata_props``.
+"""The reference-model contract, read from ONNX ``metadata_props``, and ModelSpec, what a
+loaded model looks like to everyone (core, engine, client, wire).
 
 A reference model is an ONNX file whose metadata says what it is:
 
@@ -18,6 +19,8 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from jest_stream.outputs import LOSS_KINDS
 
@@ -113,6 +116,41 @@ class ModelContract:
         known = {KIND_KEY, INPUTS_KEY, OUTPUTS_KEY, SCALE_KEY, BIAS_KEY}
         extra = {k: v for k, v in meta.items() if k.startswith("jest.") and k not in known}
         return cls(kind, dict(inputs), tuple(outputs), scale, bias, extra)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype, shape (-1 for a dynamic axis)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A loaded reference model as ListModels reports it: name, loss kind, inputs and
+    outputs in the order the graph declares them, version (content hash), logit scale
+    and bias. One type for the engine, the wire and the client."""
+
+    name: str
+    kind: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...] = ()
+    version: str = ""
+    logit_scale: float = 1.0
+    logit_bias: float = 0.0
+
+    def input(self, name: str) -> TensorSpec:
+        """The input called ``name`` (KeyError if the model has none)."""
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
 
 
 def model_version(path: str | os.PathLike) -> str:

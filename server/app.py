@@ -16,7 +16,7 @@ from jest_stream.v1 import scorer_pb2, scorer_pb2_grpc
 
 from .batcher import Batcher
 from .engine import ScoringEngine
-from .interceptors import BearerTokenInterceptor, MetricsInterceptor
+from .interceptors import BearerTokenInterceptor, DecodeInterceptor, MetricsInterceptor
 from .metrics import Metrics
 from .servicer import ScorerServicer
 
@@ -71,20 +71,15 @@ class ScoringServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def start(self) -> int:
-        """Bind the port (health NOT_SERVING), load the models, then go SERVING; returns the port."""
-        port = await self.bind()
-        await self.load()
-        return port
-
     async def bind(self) -> int:
         """Start the gRPC server on its port with health NOT_SERVING; Scorer calls get
         UNAVAILABLE until ``load`` is done."""
         c = self.config
-        interceptors = [MetricsInterceptor(self.metrics)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
         if c.token:
             # inside the metrics interceptor, so refused calls are counted (code UNAUTHENTICATED)
             interceptors.append(BearerTokenInterceptor(c.token))
+        interceptors.append(DecodeInterceptor())
         options = [("grpc.max_receive_message_length", c.max_message_bytes),
                    ("grpc.max_send_message_length", c.max_message_bytes),
                    ("grpc.so_reuseport", 0)]

@@ -15,7 +15,7 @@ counts them); a lone job never waits. While a batch runs, new requests queue up,
 busy server batches without any delay at all.
 
 The queue is bounded in rows: past ``max_queue_rows`` a request is refused at once
-(QueueFull, with a retry hint from the recent batch times), never left to hang.
+(Overloaded, with a retry hint from the recent batch times), never left to hang.
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ from .models import ReferenceModel
 log = logging.getLogger(__name__)
 
 
-class QueueFull(RuntimeError):
-    """The inference queue is at its bound; retry after ``retry_after`` seconds."""
+class Overloaded(RuntimeError):
+    """A bound is reached (the inference queue, the calls in flight): the request is
+    refused with RESOURCE_EXHAUSTED and a hint to retry after ``retry_after`` seconds."""
 
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
@@ -111,7 +112,7 @@ class Batcher:
     async def infer(self, model: str, job_id: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Queue ``inputs`` (B rows) for ``model`` and wait for their outputs.
 
-        Raises QueueFull at once if the model's queue holds ``max_queue_rows`` rows.
+        Raises Overloaded at once if the model's queue holds ``max_queue_rows`` rows.
         """
         rows = int(next(iter(inputs.values())).shape[0])
         q = self.queues[model]
@@ -119,7 +120,7 @@ class Batcher:
             self.metrics.rejected.labels(model).inc()
             ahead = q.rows / self.max_batch + 1
             retry = max(0.01, self._batch_s[model] * ahead)
-            raise QueueFull(f"queue: {q.rows} rows already wait for model {model!r} (bound --max-queue-rows "
+            raise Overloaded(f"queue: {q.rows} rows already wait for model {model!r} (bound --max-queue-rows "
                             f"{self.max_queue_rows}); retry in {retry:.2f}s", retry)
         pending = _Pending(inputs, rows, job_id, asyncio.get_running_loop().create_future())
         q.jobs.setdefault(job_id, deque()).append(pending)

@@ -202,10 +202,6 @@ class ReferenceCache:
         self.bytes -= int(slab.sizes[orphans].sum())
         slab.release(orphans)
 
-    def put(self, version: str, key: str, entry: Mapping[str, np.ndarray]) -> None:
-        """Insert one sample's outputs (no batch axis)."""
-        self.put_batch(version, [key], {name: np.asarray(v)[None] for name, v in entry.items()})
-
     def _used(self, slab: _Slab, rows: np.ndarray) -> None:
         """Queue the rows given the current tick (lock held); drop stale rows from the
         queue once it holds more than twice the entries, so that it stays O(entries)."""

@@ -15,18 +15,20 @@ are the same for the same seed. Bad input raises ValueError naming the field.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from jest_stream.cachefile import CacheFileError, read_cache_file
-from jest_stream.contract import ModelContract
-from jest_stream.samplers import DEFAULT_N_CHUNKS, SAMPLERS, check_sizes
-from jest_stream.outputs import SCORE_WEIGHTS, SCORES, Embeddings, Losses, check_name
-from jest_stream.selection import Selection, make_rng, select
+from jest_stream.contract import ModelSpec
+from jest_stream.options import SelectOptions
+from jest_stream.outputs import Embeddings, Losses
+from jest_stream.samplers import check_sizes
+from jest_stream.selection import Selection, expected_outputs, make_rng, select
 
 from .cache import ReferenceCache
 from .models import ReferenceModel
@@ -41,35 +43,10 @@ class UnknownModel(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """A loaded model as ListModels reports it: inputs/outputs map name -> (dtype, shape),
-    -1 marking a dynamic axis."""
-
-    name: str
-    kind: str
-    inputs: dict[str, tuple[str, list[int]]]
-    outputs: dict[str, tuple[str, list[int]]]
-    version: str
-    logit_scale: float
-    logit_bias: float
-    contract: ModelContract = field(repr=False)
-
-
-@dataclass(frozen=True)
 class ReferenceResult:
     """Reference outputs of a super-batch (B rows each) and how many rows came from the cache."""
 
     outputs: dict[str, np.ndarray]
-    hits: int
-    misses: int
-    version: str
-
-
-@dataclass(frozen=True)
-class SelectResult:
-    """The core's Selection plus the reference-cache figures of the request."""
-
-    selection: Selection
     hits: int
     misses: int
     version: str
@@ -96,10 +73,7 @@ class SelectPlan:
     reference: ReferencePlan | None
     learner: Losses | Embeddings
     n_select: int
-    score: str
-    sampler: str
-    n_chunks: int
-    score_gain: float
+    options: SelectOptions
     seed: int | None
 
     @property
@@ -165,13 +139,9 @@ class ScoringEngine:
         except KeyError:
             raise UnknownModel(f"model: unknown model {name!r}; this scorer has {sorted(self.models)}") from None
 
-    def list_models(self) -> list[ModelInfo]:
+    def list_models(self) -> list[ModelSpec]:
         """Every loaded model: name, kind, inputs, outputs, version, logit scale and bias."""
-        return [ModelInfo(name, m.contract.kind,
-                          {s.name: (str(s.dtype), list(s.shape)) for s in m.inputs},
-                          {s.name: (str(s.dtype), list(s.shape)) for s in m.outputs},
-                          m.version, m.contract.logit_scale, m.contract.logit_bias, m.contract)
-                for name, m in self.models.items()]
+        return [m.spec for m in self.models.values()]
 
     # -- the cache file -------------------------------------------------------------
 
@@ -292,8 +262,8 @@ class ScoringEngine:
                     outputs[name][plan.missing] = fresh[name]
         return ReferenceResult(outputs, plan.batch - n_miss, n_miss, m.version)
 
-    def reference(self, model: str, keys: Sequence[str] | None, inputs: Mapping[str, np.ndarray] | None,
-                  job_id: str = "") -> ReferenceResult:
+    def reference(self, model: str, keys: Sequence[str] | None,
+                  inputs: Mapping[str, np.ndarray] | None) -> ReferenceResult:
         """Reference outputs for a super-batch: cached rows from the cache, the rest run."""
         plan = self.plan_reference(model, keys, inputs)
         fresh = plan.model.run(plan.run_inputs) if plan.run_inputs is not None else None
@@ -303,34 +273,27 @@ class ScoringEngine:
 
     def plan_select(self, model: str, *, learner: Losses | Embeddings, n_select: int,
                     keys: Sequence[str] | None = None, inputs: Mapping[str, np.ndarray] | None = None,
-                    score: str = "learnability", sampler: str = "joint", n_chunks: int = DEFAULT_N_CHUNKS,
-                    score_gain: float = 1.0, seed: int | None = None) -> SelectPlan:
-        """Check everything a Select needs before any inference is spent on it."""
+                    options: SelectOptions = SelectOptions(), seed: int | None = None) -> SelectPlan:
+        """Check everything a Select needs before any inference is spent on it
+        (``options`` is already validated: it was built where the request entered)."""
         m = self.model(model)
-        check_name(score, SCORES, "score")
-        check_name(sampler, SAMPLERS, "sampler")
         kind = m.contract.kind
-        want = Losses if kind == "per_example" else Embeddings
+        want = expected_outputs(kind)
         if not isinstance(learner, want):
             raise ValueError(f"learner: model {model!r} is {kind}, so the learner must send "
                              f"{'losses (B,)' if want is Losses else 'image_embeds and text_embeds (B, d)'}")
         learner = learner.validated("learner")
         batch = learner.batch_size
         check_sizes(batch, n_select)
-        if isinstance(n_chunks, bool) or not isinstance(n_chunks, (int, np.integer)) or n_chunks < 1:
-            raise ValueError(f"n_chunks: expected an integer >= 1, got {n_chunks!r}")
-        if not np.isfinite(score_gain):
-            raise ValueError(f"score_gain: must be finite, got {score_gain}")
         make_rng(seed)  # checks the seed
         reference = None
-        if SCORE_WEIGHTS[score][1]:
+        if options.needs_reference:
             reference = self.plan_reference(model, keys, inputs, batch=batch)
         elif keys is not None and len(keys) and len(keys) != batch:
             raise ValueError(f"keys: {len(keys)} keys but the learner scored {batch} examples")
-        return SelectPlan(m, reference, learner, int(n_select), score, sampler, int(n_chunks),
-                          float(score_gain), seed)
+        return SelectPlan(m, reference, learner, int(n_select), options, seed)
 
-    def finish_select(self, plan: SelectPlan, fresh: Mapping[str, np.ndarray] | None) -> SelectResult:
+    def finish_select(self, plan: SelectPlan, fresh: Mapping[str, np.ndarray] | None) -> Selection:
         """Complete the reference outputs and run the core's ``select``."""
         m = plan.model
         reference, hits, misses = None, 0, 0
@@ -344,26 +307,19 @@ class ScoringEngine:
                                        m.contract.logit_scale, m.contract.logit_bias)
             hits, misses = ref.hits, ref.misses
         selection = select(plan.n_select, kind=m.contract.kind, learner=plan.learner, reference=reference,
-                           score=plan.score, sampler=plan.sampler, n_chunks=plan.n_chunks,
-                           score_gain=plan.score_gain, seed=plan.seed)
+                           options=plan.options, seed=plan.seed)
         indices = selection.indices
         if not np.isfinite(selection.mean_score_all) or not _distinct(indices, plan.learner.batch_size):
             raise ValueError("learner: the scores are not finite once combined with the reference (overflow); "
                              "scale down the learner's losses, embeddings, logit_scale/logit_bias or score_gain")
-        return SelectResult(selection, hits, misses, m.version)
+        return dataclasses.replace(selection, cache_hits=hits, cache_misses=misses, model_version=m.version)
 
     def select(self, model: str, *, learner: Losses | Embeddings, n_select: int,
                keys: Sequence[str] | None = None, inputs: Mapping[str, np.ndarray] | None = None,
-               score: str = "learnability", sampler: str = "joint", n_chunks: int = DEFAULT_N_CHUNKS,
-               score_gain: float = 1.0, seed: int | None = None, job_id: str = "") -> SelectResult:
-        """Reference outputs + learner scores -> the selected indices (the core's select).
-
-        ``job_id`` is accepted for symmetry with the server (which batches and counts by
-        it); in-process it changes nothing.
-        """
+               options: SelectOptions = SelectOptions(), seed: int | None = None) -> Selection:
+        """Reference outputs + learner scores -> the selected indices (the core's select)."""
         plan = self.plan_select(model, learner=learner, n_select=n_select, keys=keys, inputs=inputs,
-                                score=score, sampler=sampler, n_chunks=n_chunks, score_gain=score_gain,
-                                seed=seed)
+                                options=options, seed=seed)
         run = plan.run_inputs
         fresh = plan.model.run(run) if run is not None else None
         return self.finish_select(plan, fresh)

@@ -1,4 +1,5 @@
-"""Cross-cutting concerns as gRPC interceptors: bearer-token auth, and per-call metrics/logs."""
+"""Cross-cutting concerns as gRPC interceptors, one concern each: bearer-token auth,
+undecodable requests, and per-call metrics/logs."""
 from __future__ import annotations
 
 import hmac
@@ -34,12 +35,13 @@ def _lenient(deserializer):
     return deserialize
 
 
-def _wrap(handler, wrap_unary):
-    """Rebuild ``handler`` with its unary-unary behaviour wrapped (streams left as they are)."""
+def _wrap(handler, wrap_unary, deserializer=None):
+    """Rebuild ``handler`` with its unary-unary behaviour wrapped (streams left as they are),
+    and its request deserializer replaced if ``deserializer`` is given."""
     if handler is None or not handler.unary_unary:
         return handler
     return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary),
-                                               request_deserializer=_lenient(handler.request_deserializer),
+                                               request_deserializer=deserializer or handler.request_deserializer,
                                                response_serializer=handler.response_serializer)
 
 
@@ -84,6 +86,27 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """A request that is not a valid message gets INVALID_ARGUMENT (rather than gRPC's
+    UNKNOWN and a logged traceback per garbage request)."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not handler.unary_unary:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+
+        def wrap(behavior):
+            async def checked(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"request: not a valid {method} request message: {request.error}")
+                return await behavior(request, context)
+            return checked
+
+        return _wrap(handler, wrap, _lenient(handler.request_deserializer))
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every unary call and its latency by method, job id and status code."""
 
@@ -100,9 +123,6 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 code = grpc.StatusCode.OK
                 try:
-                    if isinstance(request, _Undecodable):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            f"request: not a valid {method} request message: {request.error}")
                     return await behavior(request, context)
                 except BaseException:
                     code = context.code() or grpc.StatusCode.UNKNOWN

@@ -8,12 +8,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-
 import numpy as np
 import onnxruntime as ort
 
-from jest_stream.contract import ContractError, ModelContract, model_version
+from jest_stream.contract import ContractError, ModelContract, ModelSpec, TensorSpec, model_version
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +20,6 @@ _ORT_DTYPES = {
     "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: name, numpy dtype, shape (-1 for a dynamic axis)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
 
 
 def _spec(arg) -> TensorSpec:
@@ -78,6 +67,8 @@ class ReferenceModel:
             if not spec.shape or spec.shape[0] != -1:
                 raise ContractError(f"model {name!r}: {spec.name!r} has shape {list(spec.shape)}; "
                                     "the first axis must be a dynamic batch axis")
+        self.spec = ModelSpec(name, self.contract.kind, tuple(self.inputs), tuple(self.outputs), self.version,
+                              self.contract.logit_scale, self.contract.logit_bias)
         self.use_iobinding = self.session.get_providers()[0] == "CUDAExecutionProvider"
         log.info("loaded model %s (%s, version %s) on %s", name, self.contract.kind, self.version,
                  self.session.get_providers()[0])

@@ -13,40 +13,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from jest_stream import codec
-from jest_stream.outputs import Embeddings, Losses
+from jest_stream import codec, wire
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
 
-from .batcher import Batcher, QueueFull
-from .engine import ScoringEngine, SelectResult
+from .batcher import Batcher, Overloaded
+from .engine import ScoringEngine, SelectPlan
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 RETRY_KEYS = ("retry-after-ms", "grpc-retry-pushback-ms")
-
-
-def learner_from_proto(msg: pb.LearnerScores, kind: str, model: str) -> Losses | Embeddings:
-    """The learner's scores as the core wants them; errors name the proto field."""
-    if kind == "per_example":
-        if not msg.HasField("losses"):
-            raise ValueError(f"learner.losses: required for per_example model {model!r} (one loss per example)")
-        return Losses(codec.decode(msg.losses, "learner.losses"))
-    for name in ("image_embeds", "text_embeds"):
-        if not msg.HasField(name):
-            raise ValueError(f"learner.{name}: required for {kind} model {model!r} ((B, d) embeddings)")
-    return Embeddings(codec.decode(msg.image_embeds, "learner.image_embeds"),
-                      codec.decode(msg.text_embeds, "learner.text_embeds"),
-                      msg.logit_scale, msg.logit_bias)
-
-
-class Overloaded(RuntimeError):
-    """Too many calls in flight; retry after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class ScorerServicer(pb_grpc.ScorerServicer):
@@ -85,7 +62,7 @@ class ScorerServicer(pb_grpc.ScorerServicer):
         self.metrics.inflight.set(self.inflight)
         try:
             return await steps(request)
-        except (QueueFull, Overloaded) as exc:
+        except Overloaded as exc:
             await self._refuse(context, exc)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -96,7 +73,7 @@ class ScorerServicer(pb_grpc.ScorerServicer):
             self.inflight -= 1
             self.metrics.inflight.set(self.inflight)
 
-    async def _refuse(self, context, exc: QueueFull | Overloaded) -> None:
+    async def _refuse(self, context, exc: Overloaded) -> None:
         ms = str(max(1, int(exc.retry_after * 1000)))
         context.set_trailing_metadata(tuple((k, ms) for k in RETRY_KEYS))
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -113,25 +90,21 @@ class ScorerServicer(pb_grpc.ScorerServicer):
 
     def _plan_select(self, request: pb.SelectRequest):
         engine = self.engine
-        model = engine.model(request.model)
-        learner = learner_from_proto(request.learner, model.contract.kind, request.model)
-        inputs = codec.decode_map(request.inputs, "inputs")
+        model = engine.model(request.model)  # looked up once: the plan carries it on
         plan = engine.plan_select(
-            request.model, learner=learner, n_select=int(request.n_select), keys=list(request.keys) or None,
-            inputs=inputs or None, score=request.score or "learnability", sampler=request.sampler or "joint",
-            n_chunks=int(request.n_chunks) or 16, score_gain=float(request.score_gain) or 1.0,
-            seed=int(request.seed) if request.HasField("seed") else None)
+            request.model, learner=wire.learner_from_proto(request.learner, model.spec),
+            n_select=int(request.n_select), keys=list(request.keys) or None,
+            inputs=codec.decode_map(request.inputs, "inputs") or None,
+            options=wire.options_from_proto(request), seed=wire.seed_from_proto(request))
         if plan.run_inputs is None:  # everything cached: finish in the same hop
             return plan, self._finish_select(request, plan, None)
         return plan, None
 
-    def _finish_select(self, request: pb.SelectRequest, plan, fresh) -> pb.SelectResponse:
-        result: SelectResult = self.engine.finish_select(plan, fresh)
-        self._count(request.model, request.job_id, result.hits, result.misses, plan.learner.batch_size)
-        sel = result.selection
-        return pb.SelectResponse(indices=sel.indices.tolist(), mean_score=sel.mean_score,
-                                 mean_score_all=sel.mean_score_all, cache_hits=result.hits,
-                                 cache_misses=result.misses, model_version=result.version)
+    def _finish_select(self, request: pb.SelectRequest, plan: SelectPlan, fresh) -> pb.SelectResponse:
+        selection = self.engine.finish_select(plan, fresh)
+        self._count(request.model, request.job_id, selection.cache_hits, selection.cache_misses,
+                    plan.learner.batch_size)
+        return wire.selection_to_proto(selection)
 
     async def _planned(self, fn, request):
         """Run a plan step, counted as 'arriving' so the batcher may wait for its rows."""
@@ -182,10 +155,6 @@ class ScorerServicer(pb_grpc.ScorerServicer):
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading; retry shortly")
         response = pb.ListModelsResponse()
-        for info in self.engine.list_models():
-            m = response.models.add(name=info.name, kind=info.kind, version=info.version,
-                                    logit_scale=info.logit_scale, logit_bias=info.logit_bias)
-            for specs, target in ((info.inputs, m.inputs), (info.outputs, m.outputs)):
-                for name, (dtype, shape) in specs.items():
-                    target.add(name=name, dtype=codec.dtype_code(dtype, name), shape=shape)
+        for spec in self.engine.list_models():
+            wire.spec_to_proto(spec, response.models.add())
         return response

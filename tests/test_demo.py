@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jest_stream.client import demo
+from jest_stream.demo import cli as demo
 from jest_stream.demo.data import (flip_labels, make_classification, make_contrastive, mismatch_pairs,
                                           read_shards, write_shards)
 from jest_stream.demo.report import MethodRuns, cost_per_example, steps_to_reach, summarize

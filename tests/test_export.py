@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from jest_stream.client.export import export_reference
-from jest_stream.contract import ContractError, ModelContract
+from jest_stream.contract import ContractError, ModelContract, TensorSpec
 from jest_stream.server.engine import ScoringEngine
 from jest_stream.server.models import ReferenceModel
 
@@ -116,7 +116,7 @@ def test_exported_models_load_in_the_engine(per_example, contrastive, tensors):
     x, y = tensors
     engine = ScoringEngine({"a": per_example[1], "b": contrastive[1]}, intra_op_threads=1)
     info = {m.name: m for m in engine.list_models()}
-    assert info["a"].kind == "per_example" and info["a"].inputs["x"] == ("float32", [-1, 64])
+    assert info["a"].kind == "per_example" and info["a"].input("x") == TensorSpec("x", np.dtype("float32"), (-1, 64))
     assert info["b"].logit_scale == 10.0
     out = engine.reference("a", None, {"x": x[:5].numpy(), "y": y[:5].numpy()}).outputs
     assert out["loss"].shape == (5,)

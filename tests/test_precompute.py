@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
+from jest_stream.options import SelectOptions
 from jest_stream import codec
 from jest_stream.cachefile import read_cache_file
 from jest_stream.outputs import Embeddings, Losses
@@ -81,10 +82,10 @@ def test_precompute_then_serve_gives_the_live_selection(per_example_model, digit
             served = stub.Select(request, timeout=30)
             assert (served.cache_hits, served.cache_misses) == (160, 0)
             want = live.select("ref", learner=Losses(learner), n_select=32,
-                               inputs={"x": x[rows], "y": y[rows]}, sampler=sampler, score_gain=2.0,
-                               seed=100 + step)
-            np.testing.assert_array_equal(np.asarray(served.indices), want.selection.indices)
-            assert served.mean_score == pytest.approx(want.selection.mean_score, rel=1e-5)
+                               inputs={"x": x[rows], "y": y[rows]},
+                               options=SelectOptions(sampler=sampler, score_gain=2.0), seed=100 + step)
+            np.testing.assert_array_equal(np.asarray(served.indices), want.indices)
+            assert served.mean_score == pytest.approx(want.mean_score, rel=1e-5)
 
         reply = stub.Reference(pb.ReferenceRequest(model="ref", keys=digit_shards["keys"][:50],
                                                    return_outputs=True), timeout=30)
@@ -112,8 +113,8 @@ def test_precomputed_embeddings_select_as_live(sigmoid_model, pair_shards, tmp_p
                       seed=5)
     b = live.select("ref", learner=learner, n_select=32, seed=5,
                     inputs={n: pair_shards["fields"][n][rows] for n in ("image", "text")})
-    assert (a.hits, a.misses) == (128, 0)
-    np.testing.assert_array_equal(a.selection.indices, b.selection.indices)
+    assert (a.cache_hits, a.cache_misses) == (128, 0)
+    np.testing.assert_array_equal(a.indices, b.indices)
 
 
 def test_interrupted_precompute_resumes_without_duplicates(per_example_model, digit_shards, tmp_path):

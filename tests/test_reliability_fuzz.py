@@ -23,6 +23,7 @@ import psutil
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jest_stream.options import SelectOptions
 from jest_stream import codec
 from jest_stream.client import LocalScorer
 from jest_stream.client.scorer import SelectCall
@@ -585,7 +586,7 @@ class GoodClient(threading.Thread):
             learner = _learner(model, batch, rng)
             keys = [f"good-{model}-{sampler}-{i}" for i in range(batch)]
             call = SelectCall(model, "good", learner, 8, keys, lambda inputs=inputs: inputs,
-                              sampler=sampler, seed=11)
+                              options=SelectOptions(sampler=sampler), seed=11)
             want = local.select(call)
             request = pb.SelectRequest(model=model, job_id="good", keys=keys, n_select=8, sampler=sampler,
                                        seed=11)

@@ -9,6 +9,8 @@ import onnx
 import pytest
 from server_util import OrtReference, inputs_for, learner_for
 
+from jest_stream.contract import TensorSpec
+from jest_stream.options import SelectOptions
 from jest_stream.cachefile import CacheFileError, CacheFileWriter, iter_cache_file, read_cache_file
 from jest_stream.contract import ContractError, model_version
 from jest_stream.outputs import Losses
@@ -46,12 +48,12 @@ def test_engine_select_is_the_core_select(engine, paths, digits, name):
     learner = learner_for(kind, 64, seed=2)
     for sampler in ("joint", "topk", "uniform"):
         got = engine.select(name, learner=learner, n_select=16, keys=[f"e{r}" for r in rows], inputs=inputs,
-                            sampler=sampler, seed=5, n_chunks=4)
+                            options=SelectOptions(sampler=sampler, n_chunks=4), seed=5)
         want = ref.select(inputs, learner, 16, sampler=sampler, seed=5, n_chunks=4)
-        np.testing.assert_array_equal(got.selection.indices, want.indices)
-        assert got.selection.mean_score == pytest.approx(want.mean_score, rel=1e-6, abs=1e-9)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        assert got.mean_score == pytest.approx(want.mean_score, rel=1e-6, abs=1e-9)
     # the three calls: the first ran all rows, the next two were all cache hits
-    assert (got.hits, got.misses) == (64, 0)
+    assert (got.cache_hits, got.cache_misses) == (64, 0)
 
 
 def test_reference_mixes_cached_and_fresh_rows(engine, paths, digits):
@@ -88,7 +90,8 @@ def test_engine_errors_name_the_field(engine, digits):
     for change, field in cases:
         kw = {"model": "digits", "learner": learner, "n_select": 4, "inputs": inputs, **change}
         with pytest.raises(ValueError) as info:
-            engine.select(kw.pop("model"), **kw)
+            rule = {k: kw.pop(k) for k in ("sampler", "score_gain") if k in kw}
+            engine.select(kw.pop("model"), options=SelectOptions(**rule), **kw)
         assert field in str(info.value), (change, str(info.value))
     with pytest.raises(UnknownModel):
         engine.model("nope")
@@ -96,8 +99,10 @@ def test_engine_errors_name_the_field(engine, digits):
 
 def test_list_models(engine, paths):
     infos = {m.name: m for m in engine.list_models()}
-    assert infos["digits"].inputs == {"x": ("float32", [-1, 64]), "y": ("int64", [-1])}
-    assert infos["softmax"].outputs == {"image_embeds": ("float32", [-1, 16]), "text_embeds": ("float32", [-1, 16])}
+    f32, i64 = np.dtype("float32"), np.dtype("int64")
+    assert infos["digits"].inputs == (TensorSpec("x", f32, (-1, 64)), TensorSpec("y", i64, (-1,)))
+    assert infos["softmax"].outputs == (TensorSpec("image_embeds", f32, (-1, 16)),
+                                        TensorSpec("text_embeds", f32, (-1, 16)))
     assert infos["sigmoid"].version == model_version(paths["sigmoid"])
     assert (infos["sigmoid"].logit_scale, infos["sigmoid"].logit_bias) == (10.0, -5.0)
 

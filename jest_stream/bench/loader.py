@@ -37,7 +37,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from jest_stream.client.loader import JESTLoader, step_seed
 from jest_stream.client.remote import RemoteScorer
-from jest_stream.client.scorer import LocalScorer
+from jest_stream.client.local import LocalScorer
 from jest_stream.client.learner import per_example_cross_entropy
 from jest_stream.samplers import uniform
 from jest_stream.selection import make_rng

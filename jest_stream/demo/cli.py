@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     from jest_stream.demo.data import read_shards, write_shards
     from jest_stream.demo.report import MethodRuns, plot, summarize
     from jest_stream.demo.training import SuperBatches, test_tensors, train_run
-    from jest_stream.client.scorer import LocalScorer
+    from jest_stream.client.local import LocalScorer
 
     torch.set_num_threads(max(1, args.threads))
     task = _task(args.task)

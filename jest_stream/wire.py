@@ -1,0 +1,101 @@
+"""Every proto <-> domain conversion, both directions, in one place beside the codec.
+
+The servicer decodes requests with the ``*_from_proto`` functions (their errors name
+the proto field, so a bad request becomes INVALID_ARGUMENT with a useful message);
+RemoteScorer encodes with ``*_to_proto`` and decodes the replies. Tensors travel as
+raw bytes through ``jest_stream.codec``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from jest_stream import codec
+from jest_stream.contract import ModelSpec, TensorSpec
+from jest_stream.options import SelectOptions
+from jest_stream.outputs import Embeddings, Losses
+from jest_stream.selection import Selection
+from jest_stream.v1 import scorer_pb2 as pb
+
+# -- learner scores ---------------------------------------------------------------------
+
+
+def learner_to_proto(learner: Losses | Embeddings, out: pb.LearnerScores) -> None:
+    """Fill a LearnerScores message from Losses or Embeddings (float32 on the wire)."""
+    if isinstance(learner, Losses):
+        codec.encode(np.asarray(learner.values, dtype=np.float32), out.losses)
+    else:
+        codec.encode(np.asarray(learner.image, dtype=np.float32), out.image_embeds)
+        codec.encode(np.asarray(learner.text, dtype=np.float32), out.text_embeds)
+        out.logit_scale = float(learner.logit_scale)
+        out.logit_bias = float(learner.logit_bias)
+
+
+def learner_from_proto(msg: pb.LearnerScores, model: ModelSpec) -> Losses | Embeddings:
+    """The learner's scores as the core wants them for ``model``'s kind; errors name the field."""
+    if model.kind == "per_example":
+        if not msg.HasField("losses"):
+            raise ValueError(f"learner.losses: required for per_example model {model.name!r} "
+                             "(one loss per example)")
+        return Losses(codec.decode(msg.losses, "learner.losses"))
+    for name in ("image_embeds", "text_embeds"):
+        if not msg.HasField(name):
+            raise ValueError(f"learner.{name}: required for {model.kind} model {model.name!r} "
+                             "((B, d) embeddings)")
+    return Embeddings(codec.decode(msg.image_embeds, "learner.image_embeds"),
+                      codec.decode(msg.text_embeds, "learner.text_embeds"),
+                      msg.logit_scale, msg.logit_bias)
+
+
+# -- selection options and results -----------------------------------------------------
+
+
+def options_to_proto(options: SelectOptions, request: pb.SelectRequest) -> None:
+    """Write the selection rule into a SelectRequest."""
+    request.score = options.score
+    request.sampler = options.sampler
+    request.n_chunks = options.n_chunks
+    request.score_gain = options.score_gain
+
+
+def options_from_proto(request: pb.SelectRequest) -> SelectOptions:
+    """The request's selection rule, unset fields taking SelectOptions' defaults (validated)."""
+    return SelectOptions.from_fields(score=request.score, sampler=request.sampler,
+                                     n_chunks=int(request.n_chunks), score_gain=float(request.score_gain))
+
+
+def seed_from_proto(request: pb.SelectRequest) -> int | None:
+    return int(request.seed) if request.HasField("seed") else None
+
+
+def selection_to_proto(selection: Selection) -> pb.SelectResponse:
+    return pb.SelectResponse(indices=selection.indices.tolist(), mean_score=selection.mean_score,
+                             mean_score_all=selection.mean_score_all, cache_hits=selection.cache_hits,
+                             cache_misses=selection.cache_misses, model_version=selection.model_version)
+
+
+def selection_from_proto(reply: pb.SelectResponse) -> Selection:
+    indices = np.fromiter(reply.indices, dtype=np.int64, count=len(reply.indices))
+    return Selection(indices, reply.mean_score, reply.mean_score_all, reply.cache_hits,
+                     reply.cache_misses, reply.model_version)
+
+
+# -- model specs --------------------------------------------------------------------------
+
+
+def spec_to_proto(spec: ModelSpec, out: pb.ModelInfo) -> None:
+    """Fill a ListModels entry from a ModelSpec."""
+    out.name, out.kind, out.version = spec.name, spec.kind, spec.version
+    out.logit_scale, out.logit_bias = spec.logit_scale, spec.logit_bias
+    for specs, target in ((spec.inputs, out.inputs), (spec.outputs, out.outputs)):
+        for t in specs:
+            target.add(name=t.name, dtype=codec.dtype_code(t.dtype, t.name), shape=list(t.shape))
+
+
+def spec_from_proto(info: pb.ModelInfo) -> ModelSpec:
+    """A ListModels entry as a ModelSpec."""
+    def tensors(specs) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(t.name, codec.numpy_dtype(t.dtype, f"models[{info.name!r}].{t.name}"),
+                                tuple(int(n) for n in t.shape)) for t in specs)
+
+    return ModelSpec(info.name, info.kind, tensors(info.inputs), tensors(info.outputs), info.version,
+                     float(info.logit_scale) or 1.0, float(info.logit_bias))
