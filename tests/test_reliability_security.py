@@ -1,4 +1,4 @@
-"""Security: a shared scorer answers no one who lacks the token (DESIGN §7).
+"""Security: a shared scorer answers no one who lacks the token.
 
 - Every RPC the server exposes (found by reflection, so a new RPC is covered or this
   test fails), called with no token or any wrong form of it, gets UNAUTHENTICATED; only

@@ -1,4 +1,4 @@
-"""Bad input (DESIGN section 7): INVALID_ARGUMENT naming the field, RESOURCE_EXHAUSTED for an
+"""Bad input: INVALID_ARGUMENT naming the field, RESOURCE_EXHAUSTED for an
 oversize message, and the scorer keeps answering a good client afterwards."""
 from __future__ import annotations
 

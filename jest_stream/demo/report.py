@@ -11,7 +11,7 @@ Definitions (the README and docs/demo.md explain them in words):
   needs N steps to get there, this method M"). ``speedup_vs_first_reach`` divides
   uniform's own first-reach step instead (smaller when uniform peaks early and then
   overfits the noise): the conservative figure.
-- compute, in forward-pass units F per trained example, as DESIGN section 3 counts it:
+- compute, in forward-pass units F per trained example, as docs/design.md counts it:
   a plain step costs 3F per example (forward + backward); a selection step costs the
   learner's forward on the whole super-batch (B/b per trained example) plus the
   backward (2F; the forward on the chosen b is the scoring pass's), and the reference's
@@ -68,7 +68,7 @@ def steps_to_reach(steps: np.ndarray, curve: np.ndarray, target: float) -> int |
 
 
 def cost_per_example(method: str, super_batch: int, sub_batch: int) -> dict[str, float]:
-    """Forward passes F per trained example, reference cached and live (DESIGN section 3)."""
+    """Forward passes F per trained example, reference cached and live (see the module docstring)."""
     if method == "uniform":
         return {"cached": 3.0, "uncached": 3.0}
     ratio = super_batch / sub_batch
@@ -199,8 +199,8 @@ def format_table(summary: dict) -> str:
         "best: the highest point of the seed-mean curve.",
         "speed-up: uniform's steps / steps to target; speed-up*: uniform's own first step at the "
         "target / steps to target.",
-        "F/example and compute speed-up: reference outputs cached / computed live (DESIGN §3; "
-        "a plain step is 3F per example).",
+        "F/example and compute speed-up: reference outputs cached / computed live (a plain step is "
+        "3F per example; see docs/design.md).",
     ]
     if any(one_off.values()):
         lines.append(f"one-off, not in the ratios: training the reference {one_off['reference_training']:,.0f} F, "
