@@ -18,6 +18,7 @@ from .batcher import Batcher
 from .engine import ScoringEngine
 from .interceptors import BearerTokenInterceptor, DecodeInterceptor, MetricsInterceptor
 from .metrics import Metrics
+from .portfile import BoundPorts, write_port_file
 from .servicer import ScorerServicer
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ServerConfig:
     max_queue_rows: int = 262144
     inference_workers: int = 1
     grace_s: float = 30.0
+    port_file: str | None = None
 
 
 class ScoringServer:
@@ -61,11 +63,11 @@ class ScoringServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self.engine: ScoringEngine | None = None
         self._stopping: asyncio.Task | None = None
         self.servicer: ScorerServicer | None = None
         self.batcher: Batcher | None = None
-        self._metrics_http = None
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -101,8 +103,8 @@ class ScoringServer:
             raise OSError(f"--port: cannot bind {address}")
         await self.server.start()
         if c.metrics_port is not None:
-            self._metrics_http = self.metrics.serve(c.metrics_port, c.metrics_host)
-            log.info("metrics on http://%s:%d/metrics", c.metrics_host, c.metrics_port)
+            self.metrics_port = self.metrics.serve(c.metrics_port, c.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", c.metrics_host, self.metrics_port)
         log.info("listening on %s:%d (%s%s), loading %d model(s)", c.host, self.port,
                  "TLS" if c.tls_cert else "plaintext", ", bearer token" if c.token else "", len(c.models))
         return self.port
@@ -144,9 +146,7 @@ class ScoringServer:
             await self.batcher.stop()
         if self.servicer is not None:
             self.servicer.close()
-        if self._metrics_http is not None:
-            http, _thread = self._metrics_http
-            http.shutdown()
+        self.metrics.close()
         log.info("stopped")
 
     async def wait(self) -> None:
@@ -164,6 +164,8 @@ async def serve(config: ServerConfig) -> None:
                                                     asyncio.ensure_future(server.stop())))
     await server.bind()
     try:
+        if config.port_file:
+            write_port_file(config.port_file, BoundPorts(server.port, server.metrics_port))
         await server.load()
     except BaseException:
         await server.stop(0)

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-cert", "PEM certificate chain: serve TLS")
     add("--tls-key", "PEM private key for --tls-cert")
     add("--max-message-bytes", "largest request/response in bytes", type=int, default=256 << 20)
-    add("--metrics-port", "serve Prometheus metrics on this port", type=int)
+    add("--metrics-port", "serve Prometheus metrics on this port (0 picks a free one)", type=int)
     add("--metrics-host", "address of the metrics endpoint", default="0.0.0.0")
     add("--intra-op-threads", "ONNX Runtime intra-op threads (default: ORT's choice)", type=int)
     add("--inter-op-threads", "ONNX Runtime inter-op threads", type=int)
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-queue-rows", "rows allowed to wait for inference before RESOURCE_EXHAUSTED", type=int,
         default=262144)
     add("--grace", "seconds in-flight calls get to finish after SIGTERM", type=float, default=30.0)
+    add("--port-file", "once the ports are bound, write them here as JSON {\"port\", \"metrics_port\"} "
+        "(how a parent learns the ports of --port 0)")
     add("--log-level", "logging level", default="INFO")
     return p
 
@@ -115,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         inter_op_threads=args.inter_op_threads, workers=args.workers, max_inflight=args.max_inflight,
         providers=[p for p in args.providers.split(",") if p] if args.providers else None,
         max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, inference_workers=args.inference_workers,
-        max_queue_rows=args.max_queue_rows, grace_s=args.grace)
+        max_queue_rows=args.max_queue_rows, grace_s=args.grace, port_file=args.port_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

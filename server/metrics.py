@@ -11,6 +11,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._http = None
         self._jobs: set[str] = set()
         r = self.registry
         self.calls = Counter("jest_calls", "RPCs answered, by method, job and status code",
@@ -45,9 +46,18 @@ class Metrics:
         self._jobs.add(job)
         return job
 
-    def serve(self, port: int, host: str = "0.0.0.0"):
-        """Start the /metrics HTTP endpoint in a background thread."""
-        return start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics HTTP endpoint in a background thread; returns the port it
+        listens on (the kernel's choice when ``port`` is 0)."""
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        """Stop the /metrics endpoint (if it was started)."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (for tests and benchmarks), 0 if absent."""

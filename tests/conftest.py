@@ -4,59 +4,23 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-from dataclasses import dataclass, field
+import tempfile
 
-import numpy as np
 import pytest
+from support import TwoTower, load_digits_arrays, mlp, text_view
 
-from jest_stream.server.launch import free_port, wait_serving  # noqa: F401 - fixtures' helpers
+from jest_stream.server.launch import ScorerProcess, start_scorer
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# What every test scorer runs with: 1 ORT thread, 8 workers, a 10 s grace.
+TEST_FLAGS = ("--intra-op-threads", "1", "--workers", "8", "--grace", "10")
 
 
 @pytest.fixture(scope="session")
 def digits():
     """The digits set as float32 features in [0, 1] (x: (1797, 64)) and int64 labels (y)."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    return {"x": (data.data / 16.0).astype(np.float32), "y": data.target.astype(np.int64)}
-
-
-def _mlp(inp: int, out: int, seed: int):
-    import torch
-
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(inp, 32), torch.nn.ReLU(), torch.nn.Linear(32, out))
-
-
-class TwoTower:
-    """A small image/text two-tower model (built lazily so conftest imports no torch)."""
-
-    @staticmethod
-    def build(seed: int = 0, dim: int = 16):
-        import torch
-
-        class _TwoTower(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.image = _mlp(64, dim, seed)
-                self.text = _mlp(64, dim, seed + 1)
-
-            def forward(self, image, text):
-                zi = torch.nn.functional.normalize(self.image(image), dim=-1)
-                zt = torch.nn.functional.normalize(self.text(text), dim=-1)
-                return zi, zt
-
-        return _TwoTower()
-
-
-def text_view(x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """The 'text' of an image: a second, noisy view of the same digit."""
-    rng = np.random.default_rng(seed)
-    return np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1).astype(np.float32)
+    return load_digits_arrays()
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +36,7 @@ def per_example_model(model_dir, digits) -> str:
 
     from jest_stream.client.export import export_reference
 
-    model = _mlp(64, 10, seed=0)
+    model = mlp(64, 10, seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = torch.from_numpy(digits["x"][:500]), torch.from_numpy(digits["y"][:500])
     for _ in range(60):
@@ -113,82 +77,21 @@ def softmax_model(model_dir, digits) -> str:
     return _export_two_tower(model_dir, digits, "softmax_contrastive", 10.0, 0.0)
 
 
-@dataclass
-class ServerProcess:
-    """A scorer subprocess on a loopback port."""
-
-    proc: subprocess.Popen
-    port: int
-    metrics_port: int
-    log_path: str
-    args: list = field(default_factory=list)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as fh:
-            return fh.read()
-
-    def metrics(self) -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            return r.read().decode()
-
-    def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample in the Prometheus text output (0 if absent)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        total = 0.0
-        for family in text_string_to_metric_families(self.metrics()):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += s.value
-        return total
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
-
-
-
-def launch_server(log_dir, models: dict, *extra: str, port: int | None = None, wait: bool = True,
-                  env: dict | None = None, tls_ca: bytes | None = None) -> ServerProcess:
-    """Start ``python -m jest_stream.server`` on loopback (1 ORT thread, 8 workers, grace 10 s),
-    its log in ``log_dir``; with ``wait``, return once health says SERVING."""
-    port = port or free_port()
-    metrics_port = free_port()
-    args = [sys.executable, "-m", "jest_stream.server", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1",
-            "--intra-op-threads", "1", "--workers", "8", "--grace", "10"]
-    for name, path in models.items():
-        args += ["--model", f"{name}={path}"]
-    args += list(extra)
-    log_path = os.path.join(str(log_dir), f"server-{port}.log")
-    full_env = {**os.environ, **(env or {})}
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
-    server = ServerProcess(proc, port, metrics_port, log_path, args)
-    if wait:
-        try:
-            wait_serving(server.target, proc=proc, tls_ca=tls_ca)
-        except Exception:
-            server.stop(signal.SIGKILL, timeout=5)
-            raise RuntimeError(f"scorer did not start:\n{server.log()}") from None
-    return server
+def launch_server(log_dir, models: dict, *extra: str, port: int = 0, wait: bool = True,
+                  env: dict | None = None, tls_ca: bytes | None = None) -> ScorerProcess:
+    """Start a scorer with the tests' flags (``TEST_FLAGS``) and /metrics on loopback
+    ports the kernel assigns (``port`` only to restart one where another listened), its
+    log in ``log_dir``; with ``wait``, return once health says SERVING."""
+    fd, log_path = tempfile.mkstemp(prefix="server-", suffix=".log", dir=str(log_dir))
+    os.close(fd)
+    return start_scorer(models, log_path, *TEST_FLAGS, *extra, port=port, metrics=True, env=env, wait=wait,
+                        tls_ca=tls_ca)
 
 
 def _server_factory(log_dir):
-    started: list[ServerProcess] = []
+    started: list[ScorerProcess] = []
 
-    def start(models: dict, *extra: str, **kw) -> ServerProcess:
+    def start(models: dict, *extra: str, **kw) -> ScorerProcess:
         server = launch_server(log_dir, models, *extra, **kw)
         started.append(server)
         return server
@@ -196,16 +99,16 @@ def _server_factory(log_dir):
     return start, started
 
 
-def _stop_all(started: list[ServerProcess]) -> None:
+def _stop_all(started: list[ScorerProcess]) -> None:
     for server in started:
         server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM, timeout=5)
 
 
 @pytest.fixture
 def start_server(tmp_path):
-    """Factory: ``start_server({"name": path}, *extra_flags, port=None, wait=True, env=None)``
-    starts ``python -m jest_stream.server`` on loopback and returns a ServerProcess; all
-    are stopped at teardown."""
+    """Factory: ``start_server({"name": path}, *extra_flags, port=0, wait=True, env=None,
+    tls_ca=None)`` starts ``python -m jest_stream.server`` on loopback (the harness of
+    jest_stream.server.launch) and returns its ScorerProcess; all are stopped at teardown."""
     start, started = _server_factory(tmp_path)
     yield start
     _stop_all(started)

@@ -52,11 +52,11 @@ class DigitsBatches(torch.utils.data.Dataset):
     rows at a time (``dataset[list_of_rows]``), as a sharded or memory-mapped store would."""
 
     def __init__(self, repeat: int):
-        from sklearn.datasets import load_digits
+        from jest_stream.demo.data import load_digits_scaled
 
-        digits = load_digits()
-        self.x = torch.tensor(np.tile(digits.data / 16.0, (repeat, 1)), dtype=torch.float32)
-        self.y = torch.tensor(np.tile(digits.target, repeat), dtype=torch.int64)
+        x, y = load_digits_scaled()
+        self.x = torch.from_numpy(np.tile(x, (repeat, 1)))
+        self.y = torch.from_numpy(np.tile(y, repeat))
         self.keys = [f"digit-{i:06d}" for i in range(len(self.y))]
 
     def __len__(self) -> int:
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="jest-bench-loader-") as tmp:
         model_path = export_reference_model(DigitsBatches(1), os.path.join(tmp, "digits.onnx"), args.seed)
         with scorer_process({MODEL: model_path}, os.path.join(tmp, "server.log"),
-                            "--intra-op-threads", "1") as (target, _):
-            result = measure(args, model_path, target)
+                            "--intra-op-threads", "1") as scorer:
+            result = measure(args, model_path, scorer.target)
     if args.json:
         print(json.dumps(result))
     else:

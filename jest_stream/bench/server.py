@@ -41,7 +41,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from jest_stream import codec
-from jest_stream.server.launch import free_port, stop_process, wait_serving
+from jest_stream.server.launch import scorer_process, stop_process
+from jest_stream.server.portfile import BoundPorts, read_port_file, write_port_file
 from jest_stream.v1 import scorer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ TARGETS = {"served_vs_inprocess": (">=", 0.9), "cache_hit_vs_echo": ("<=", 1.5),
 
 # -- the echo server (a subprocess of the benchmark) -----------------------------------------
 
-async def _echo_server(port: int) -> None:
+async def _echo_server(port_file: str) -> None:
     import grpc
 
     async def echo(request: bytes, context) -> bytes:
@@ -67,17 +68,18 @@ async def _echo_server(port: int) -> None:
         "jest_stream.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
     server = grpc.aio.server(options=OPTIONS)
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    write_port_file(port_file, BoundPorts(port))
     await server.wait_for_termination()
 
 
-def _run_echo_server(port: int) -> None:
+def _run_echo_server(port_file: str) -> None:
     try:
         import uvloop
-        uvloop.run(_echo_server(port))
+        uvloop.run(_echo_server(port_file))
     except ImportError:
-        asyncio.run(_echo_server(port))
+        asyncio.run(_echo_server(port_file))
 
 
 # -- set-up -----------------------------------------------------------------------------------
@@ -318,24 +320,18 @@ def run(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="jest-bench-server-") as tmp:
         model_path = export_mlp(os.path.join(tmp, "mlp.onnx"), args.hidden, args.seed)
-        port, echo_port = free_port(), free_port()
-        scorer = [sys.executable, "-m", "jest_stream.server", "--host", "127.0.0.1", "--port", str(port),
-                  "--model", f"{MODEL}={model_path}", "--max-message-bytes", str(MAX_MESSAGE),
-                  "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
-                  "--log-level", "WARNING"]
+        flags = ["--max-message-bytes", str(MAX_MESSAGE), "--max-batch", str(args.max_batch),
+                 "--max-delay-ms", str(args.max_delay_ms), "--log-level", "WARNING",
+                 "--inference-workers", str(args.inference_workers)]
         if args.threads:
-            scorer += ["--intra-op-threads", str(args.threads)]
-        scorer += ["--inference-workers", str(args.inference_workers)]
-        echo = [sys.executable, "-m", "jest_stream.bench.server", "--echo-server", str(echo_port)]
-        with _process(scorer, os.path.join(tmp, "scorer.log")) as proc, \
-                _process(echo, os.path.join(tmp, "echo.log")):
-            target = f"127.0.0.1:{port}"
-            try:
-                wait_serving(target, proc=proc, timeout=120)
-            except Exception:
-                with open(os.path.join(tmp, "scorer.log")) as fh:
-                    raise RuntimeError(f"scorer did not start:\n{fh.read()}") from None
-            result = _run_async(_measure(args, target, f"127.0.0.1:{echo_port}", model_path))
+            flags += ["--intra-op-threads", str(args.threads)]
+        echo_ports = os.path.join(tmp, "echo-ports.json")
+        echo = [sys.executable, "-m", "jest_stream.bench.server", "--echo-server", echo_ports]
+        echo_log = os.path.join(tmp, "echo.log")
+        with scorer_process({MODEL: model_path}, os.path.join(tmp, "scorer.log"), *flags, timeout=120) as scorer, \
+                _process(echo, echo_log) as echo_proc:
+            echo_port = read_port_file(echo_ports, proc=echo_proc, timeout=120, log_path=echo_log).port
+            result = _run_async(_measure(args, scorer.target, f"127.0.0.1:{echo_port}", model_path))
     result["config"] = {"batch": args.batch, "filter_ratio": args.filter_ratio, "sampler": "joint",
                         "mlp": f"64-{args.hidden}-{args.hidden}-10", "ort_intra_op_threads": args.threads or "default",
                         "jobs": args.jobs, "inference_workers": args.inference_workers,
@@ -377,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8192, help="the scorer's --max-batch")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="the scorer's --max-delay-ms")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    p.add_argument("--echo-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
     return p
 
 

@@ -30,12 +30,9 @@ import json
 import logging
 import math
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +41,8 @@ import grpc
 import numpy as np
 
 from jest_stream import codec
-from jest_stream.server.launch import free_port, stop_process, wait_serving
+from jest_stream.demo.data import load_digits_scaled
+from jest_stream.server.launch import ScorerProcess, start_scorer
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
 
@@ -55,68 +53,7 @@ DATASETS = 4          # key spaces the jobs share (job j reads dataset j % 4)
 CALL_TIMEOUT = 30.0
 
 
-# -- the scorer process ---------------------------------------------------------------
-
-
-@dataclass
-class Scorer:
-    """The scorer subprocess: its target, metrics port and log file."""
-
-    proc: subprocess.Popen
-    target: str
-    metrics_port: int
-    log_path: str
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
-            return reply.read().decode()
-
-    def metric(self, name: str, text: str | None = None, **labels: str) -> float:
-        """Sum of the samples of ``name`` whose labels include ``labels``."""
-        total = 0.0
-        for line in (text if text is not None else self.metrics()).splitlines():
-            m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$", line)
-            if not m or m.group(1) != name:
-                continue
-            have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-            if all(have.get(k) == v for k, v in labels.items()):
-                total += float(m.group(3))
-        return total
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (drain), then SIGKILL if it does not exit in ``timeout``."""
-        return stop_process(self.proc, timeout)
-
-
-def start_scorer(models: Mapping[str, str], cache_bytes: int, log_path: str, *, intra_op_threads: int = 1,
-                 extra: Sequence[str] = (), timeout: float = 120.0) -> Scorer:
-    """Start ``python -m jest_stream.server`` on loopback and wait until it is SERVING."""
-    port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "jest_stream.server", "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1", "--cache-bytes", str(cache_bytes),
-           "--intra-op-threads", str(intra_op_threads), *extra]
-    for name, path in models.items():
-        cmd += ["--model", f"{name}={path}"]
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    scorer = Scorer(proc, f"127.0.0.1:{port}", metrics_port, log_path)
-    try:
-        wait_serving(scorer.target, proc=proc, timeout=timeout, log_path=log_path)
-    except TimeoutError:
-        scorer.stop(5)
-        raise
-    return scorer
-
-
 # -- reference models and data ----------------------------------------------------------
-
-
-def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits: (1797, 64) float32 features in [0, 1] and int64 labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
 
 
 def text_view(x: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -296,7 +233,7 @@ async def run_job(target: str, plan: JobPlan, tally: Tally, max_message_bytes: i
             step += 1
 
 
-async def drive(scorer: Scorer, plans: list[JobPlan], warmup: float, seconds: float,
+async def drive(scorer: ScorerProcess, plans: list[JobPlan], warmup: float, seconds: float,
                 max_message_bytes: int) -> dict[str, Any]:
     """Run the jobs: warm-up, RSS, measured window, RSS."""
     import psutil
@@ -334,14 +271,15 @@ def run_soak(models: Mapping[str, str], *, jobs: int = 16, seconds: float = 60.0
              max_message_bytes: int = 64 << 20, intra_op_threads: int = 1, log_path: str | None = None,
              data: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Start a scorer with ``models``, run the soak, stop the scorer; returns the figures."""
-    x, y = data if data is not None else load_digits_data()
+    x, y = data if data is not None else load_digits_scaled()
     n_select = max(1, int(round((1 - filter_ratio) * batch)))
     own_log = log_path is None
     if own_log:
         fd, log_path = tempfile.mkstemp(prefix="jest-soak-", suffix=".log")
         os.close(fd)
-    scorer = start_scorer(models, cache_bytes, log_path, intra_op_threads=intra_op_threads,
-                          extra=["--max-message-bytes", str(max_message_bytes)])
+    scorer = start_scorer(models, log_path, "--cache-bytes", str(cache_bytes), "--intra-op-threads",
+                          str(intra_op_threads), "--max-message-bytes", str(max_message_bytes), metrics=True,
+                          timeout=120.0)
     try:
         with grpc.insecure_channel(scorer.target) as channel:
             infos = list(pb_grpc.ScorerStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models)
@@ -421,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs < 1 or args.seconds <= 0 or args.batch < 2 or not 0 <= args.filter_ratio < 1:
         p.error("--jobs >= 1, --seconds > 0, --batch >= 2 and 0 <= --filter-ratio < 1")
     warmup = args.warmup if args.warmup is not None else max(3.0, args.seconds / 6)
-    data = load_digits_data()
+    data = load_digits_scaled()
     with tempfile.TemporaryDirectory(prefix="jest-soak-") as tmp:
         models = dict(args.model) or build_models(tmp, *data)
         log.info("soak: %d jobs, %.0f s warm-up + %.0f s against %s", args.jobs, warmup, args.seconds,

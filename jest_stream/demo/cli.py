@@ -92,14 +92,15 @@ def _config(args: argparse.Namespace, defaults: dict):
 @contextlib.contextmanager
 def local_server(model_path: str, log_path: str, threads: int = 1,
                  timeout: float = 60.0) -> Iterator[str]:
-    """Start ``python -m jest_stream.server`` on a free loopback port serving the reference
-    model; yield its target once its health service says SERVING; stop it (SIGTERM) on exit."""
+    """Start ``python -m jest_stream.server`` on a loopback port the kernel assigns, serving
+    the reference model; yield its target once its health service says SERVING; stop it
+    (SIGTERM) on exit."""
     from jest_stream.server.launch import scorer_process
 
     with scorer_process({MODEL_NAME: model_path}, log_path, "--intra-op-threads", str(threads),
-                        timeout=timeout) as (target, proc):
-        log.info("scoring server pid %d on %s", proc.pid, target)
-        yield target
+                        timeout=timeout) as scorer:
+        log.info("scoring server pid %d on %s", scorer.proc.pid, scorer.target)
+        yield scorer.target
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -4,7 +4,7 @@ The test reads docker/Dockerfile and does what `docker build` and `docker run` w
 the build stage's ENV, WORKDIR, COPY (from the context that .dockerignore lets through)
 and RUN lines, in a fresh virtual environment (no system site-packages; the install line
 is the Dockerfile's own, `pip install --no-cache-dir '.[server]'`); then the runtime
-stage's ENTRYPOINT with its ENV plus this test's overrides (loopback, free ports, the
+stage's ENTRYPOINT with its ENV plus this test's overrides (loopback, ports the kernel assigns, the
 model and token "volumes"), its HEALTHCHECK command until healthy, a real Select, the
 metrics endpoint, and a SIGTERM stop. Container paths (/opt/venv, /src, /models, /cache,
 /run/secrets) are mapped under one temporary root.
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import digit_key
 
-from jest_stream.server.launch import free_port
+from jest_stream.server.portfile import read_port_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_deploy_files import ROOT, Dockerfile, Instruction, build_context_files, parse_env  # noqa: E402
@@ -200,19 +201,19 @@ def test_image_install_entrypoint_healthcheck_select(tmp_path: Path, per_example
     shutil.copy2(per_example_model, models / "digits.onnx")
     fs.path("/run/secrets/scorer_token").write_text(TOKEN + "\n")
     x, y = digits["x"][:64], digits["y"][:64]
-    keys = [f"digit-{i}" for i in range(64)]
+    keys = [digit_key(i) for i in range(64)]
     precomputed = _reference_outputs(str(models / "digits.onnx"), {"x": x[:32], "y": y[:32]})
     with CacheFileWriter(cache / "digits.cache", model_version(models / "digits.onnx")) as writer:
         for i in range(32):
             writer.add(keys[i], {name: value[i] for name, value in precomputed.items()})
 
-    port, metrics_port = free_port(), free_port()
+    port_file = tmp_path / "ports.json"  # the server binds ports the kernel picks and writes them here
     run_env = _base_env(tmp_path / "home")
     for inst in runtime.all("ENV"):
         _apply_env(inst, run_env, fs)
     run_env.update({
-        "JEST_HOST": "127.0.0.1", "JEST_PORT": str(port),
-        "JEST_METRICS_HOST": "127.0.0.1", "JEST_METRICS_PORT": str(metrics_port),
+        "JEST_HOST": "127.0.0.1", "JEST_PORT": "0", "JEST_PORT_FILE": str(port_file),
+        "JEST_METRICS_HOST": "127.0.0.1", "JEST_METRICS_PORT": "0",
         "JEST_MODEL": f"digits={models / 'digits.onnx'}",
         "JEST_CACHE_FILE": str(cache / "digits.cache"),
         "JEST_TOKEN_FILE": str(fs.path("/run/secrets/scorer_token")),
@@ -228,11 +229,15 @@ def test_image_install_entrypoint_healthcheck_select(tmp_path: Path, per_example
     log = tmp_path / "scorer.log"
     proc = subprocess.Popen(argv, env=run_env, cwd=workdir, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
+        ports = read_port_file(str(port_file), proc=proc, timeout=120, log_path=str(log))
+        port, metrics_port = ports.port, ports.metrics_port
         check = df.healthcheck()
         health_cmd = [fs.rewrite(a) for a in check.command]
         timeout = (check.seconds("start-period", 0)
                    + int(check.options.get("retries", 3)) * check.seconds("interval", 30))
-        healthy = _wait_healthy(health_cmd, run_env, workdir, proc, timeout, check.seconds("timeout", 30), log)
+        # The HEALTHCHECK sees JEST_PORT as the port the server listens on (as in a container).
+        healthy = _wait_healthy(health_cmd, {**run_env, "JEST_PORT": str(port)}, workdir, proc, timeout,
+                                check.seconds("timeout", 30), log)
         assert "SERVING" in healthy.stdout
 
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")

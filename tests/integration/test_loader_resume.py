@@ -7,23 +7,12 @@ import copy
 
 import pytest
 import torch
+from support import KeyedDigits, digit_key
 from torch.utils.data import DataLoader, Dataset
 
 from jest_stream import JESTLoader, LocalScorer, RemoteScorer, per_example_cross_entropy
 
 B = 64  # b = 16 with filter_ratio 0.75
-
-
-class Digits(Dataset):
-    def __init__(self, digits, n: int = 640):
-        self.x = torch.from_numpy(digits["x"][:n])
-        self.y = torch.from_numpy(digits["y"][:n])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": self.y[i], "__key__": f"digit-{i:05d}"}
 
 
 class Trainer:
@@ -85,18 +74,18 @@ def resumed_matches(data, scorer, shuffle: bool, stop_at: int, then: int) -> Non
 
 def test_resume_mid_epoch_with_shuffled_data(per_example_model, digits):
     with LocalScorer(per_example_model, intra_op_threads=1) as scorer:
-        resumed_matches(Digits(digits), scorer, shuffle=True, stop_at=4, then=5)
+        resumed_matches(KeyedDigits(digits, 640), scorer, shuffle=True, stop_at=4, then=5)
 
 
 def test_resume_across_an_epoch_boundary(per_example_model, digits):
     with LocalScorer(per_example_model, intra_op_threads=1) as scorer:  # 10 super-batches per epoch
-        resumed_matches(Digits(digits), scorer, shuffle=False, stop_at=13, then=9)
+        resumed_matches(KeyedDigits(digits, 640), scorer, shuffle=False, stop_at=13, then=9)
 
 
 def test_resume_with_a_remote_scorer(start_server, per_example_model, digits):
     server = start_server({"digits": per_example_model})
     with RemoteScorer(server.target) as scorer:
-        resumed_matches(Digits(digits), scorer, shuffle=True, stop_at=6, then=4)
+        resumed_matches(KeyedDigits(digits, 640), scorer, shuffle=True, stop_at=6, then=4)
 
 
 class Counting:
@@ -106,7 +95,7 @@ class Counting:
     def __init__(self, digits, n_batches: int = 6):
         self.batches = [{"x": torch.from_numpy(digits["x"][i * B:(i + 1) * B]),
                          "y": torch.from_numpy(digits["y"][i * B:(i + 1) * B]),
-                         "__key__": [f"digit-{j:05d}" for j in range(i * B, (i + 1) * B)]}
+                         "__key__": [digit_key(j) for j in range(i * B, (i + 1) * B)]}
                         for i in range(n_batches)]
         self.position = 0
         self.fetched = 0

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from server_util import OrtReference, inputs_for, learner_for
+from support import OrtReference, inputs_for, learner_for, text_view
 
 from jest_stream.contract import TensorSpec
 from jest_stream.options import SelectOptions
@@ -32,8 +32,6 @@ KIND = {"digits": "per_example", "sigmoid": "sigmoid_contrastive", "softmax": "s
 
 
 def rows_inputs(digits, kind, rows):
-    from conftest import text_view
-
     if kind == "per_example":
         return inputs_for(kind, digits, rows)
     return {"image": digits["x"][rows], "text": text_view(digits["x"], seed=1)[rows]}

@@ -4,13 +4,13 @@ counted; with fallback="raise" a clear error. Configuration errors always raise.
 from __future__ import annotations
 
 import signal
-import socket
 import time
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from support import KeyedDigits, refusing_port
+from torch.utils.data import DataLoader
 
 from jest_stream import JESTLoader, LocalScorer, RemoteScorer, per_example_cross_entropy
 from jest_stream.client import ScorerRejected, ScorerUnavailable
@@ -19,24 +19,6 @@ from jest_stream.samplers import uniform
 from jest_stream.selection import make_rng
 
 B, b = 64, 16
-
-
-class Digits(Dataset):
-    def __init__(self, digits, n: int = 640):
-        self.x = torch.from_numpy(digits["x"][:n])
-        self.y = torch.from_numpy(digits["y"][:n])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": self.y[i], "row": i, "__key__": f"digit-{i:05d}"}
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 torch.manual_seed(0)
@@ -52,8 +34,8 @@ def loader_for(data, scorer, **kw) -> JESTLoader:
 
 
 def test_unreachable_at_start_falls_back_to_uniform(digits):
-    with RemoteScorer(f"127.0.0.1:{unused_port()}", timeout=2.0) as scorer:
-        loader = loader_for(Digits(digits), scorer)
+    with RemoteScorer(f"127.0.0.1:{refusing_port()}", timeout=2.0) as scorer:
+        loader = loader_for(KeyedDigits(digits, 640, row=True), scorer)
         subs = list(loader)
     assert len(subs) == 10 and all(len(s["row"]) == b for s in subs)
     assert loader.stats.fallbacks == 10 and loader.stats.scored == 0
@@ -64,9 +46,9 @@ def test_unreachable_at_start_falls_back_to_uniform(digits):
 
 
 def test_unreachable_at_start_raises_when_asked(digits):
-    port = unused_port()
+    port = refusing_port()
     with RemoteScorer(f"127.0.0.1:{port}", timeout=2.0) as scorer:
-        loader = loader_for(Digits(digits), scorer, fallback="raise")
+        loader = loader_for(KeyedDigits(digits, 640, row=True), scorer, fallback="raise")
         with pytest.raises(ScorerUnavailable, match=rf"127\.0\.0\.1:{port}.*UNAVAILABLE.*fallback='raise'"):
             next(iter(loader))
 
@@ -74,7 +56,7 @@ def test_unreachable_at_start_raises_when_asked(digits):
 @pytest.mark.timeout(120)
 def test_scorer_killed_mid_run_then_back(start_server, per_example_model, digits):
     server = start_server({"digits": per_example_model})
-    data = Digits(digits, n=1792)  # 28 super-batches
+    data = KeyedDigits(digits, n=1792, row=True)  # 28 super-batches
     with RemoteScorer(server.target, timeout=3.0, reconnect_backoff_max=0.5) as lenient_scorer, \
             RemoteScorer(server.target, timeout=3.0) as strict_scorer:
         lenient = loader_for(data, lenient_scorer, retry_after=0.2)
@@ -111,13 +93,13 @@ def test_configuration_errors_raise_even_with_uniform_fallback(start_server, per
     server = start_server({"digits": per_example_model}, "--token-file", str(token))
     with RemoteScorer(server.target, token="wrong") as scorer:
         with pytest.raises(ScorerRejected, match="UNAUTHENTICATED.*wrong token"):
-            next(iter(loader_for(Digits(digits), scorer)))
+            next(iter(loader_for(KeyedDigits(digits, 640, row=True), scorer)))
     with RemoteScorer(server.target, token="s3cret") as scorer:
-        assert len(list(loader_for(Digits(digits, n=128), scorer))) == 2
+        assert len(list(loader_for(KeyedDigits(digits, n=128, row=True), scorer))) == 2
         with pytest.raises(ScorerRejected, match="model: 'nope' is not served"):
-            next(iter(loader_for(Digits(digits), scorer, model="nope")))
+            next(iter(loader_for(KeyedDigits(digits, 640, row=True), scorer, model="nope")))
     with LocalScorer(per_example_model) as scorer:
-        bad_inputs = loader_for(Digits(digits), scorer, reference_inputs=lambda batch: {"x": batch["x"]})
+        bad_inputs = loader_for(KeyedDigits(digits, 640, row=True), scorer, reference_inputs=lambda batch: {"x": batch["x"]})
         with pytest.raises(ValueError, match=r"reference_inputs: returned \['x'\] but model 'digits' needs"):
             next(iter(bad_inputs))
 
@@ -129,10 +111,10 @@ def test_nonfinite_learner_scores_fall_back_and_are_counted(per_example_model, d
         return losses
 
     with LocalScorer(per_example_model) as scorer:
-        loader = JESTLoader(DataLoader(Digits(digits, n=128), batch_size=B), nan_score, scorer, n_select=b)
+        loader = JESTLoader(DataLoader(KeyedDigits(digits, n=128, row=True), batch_size=B), nan_score, scorer, n_select=b)
         assert len(list(loader)) == 2
         assert loader.stats.fallback_reasons == {"nonfinite_learner_scores": 2}
-        strict = JESTLoader(DataLoader(Digits(digits, n=128), batch_size=B), nan_score, scorer, n_select=b,
+        strict = JESTLoader(DataLoader(KeyedDigits(digits, n=128, row=True), batch_size=B), nan_score, scorer, n_select=b,
                             fallback="raise")
         with pytest.raises(ValueError, match="NaN or inf"):
             next(iter(strict))
@@ -142,7 +124,7 @@ def test_evicted_reference_cache_entries_are_resent(start_server, per_example_mo
     """Caches far smaller than an epoch evict keys the client believes cached: the
     Select without inputs is refused and resent with them; selections do not change."""
     server = start_server({"digits": per_example_model}, "--cache-bytes", "4096")
-    data = Digits(digits, n=512)
+    data = KeyedDigits(digits, n=512, row=True)
     with LocalScorer(per_example_model) as roomy:
         roomy_loader = loader_for(data, roomy)
         expected = [s["row"].tolist() for _ in range(2) for s in roomy_loader]

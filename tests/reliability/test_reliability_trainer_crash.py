@@ -27,28 +27,18 @@ def train(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from torch.utils.data import DataLoader, Dataset
+    from support import KeyedDigits
+    from torch.utils.data import DataLoader
 
     from jest_stream import JESTLoader, RemoteScorer, per_example_cross_entropy
 
     torch.set_num_threads(1)
     raw = np.load(args.data)
 
-    class Digits(Dataset):
-        def __init__(self):
-            self.x = torch.from_numpy(raw["x"][:N])
-            self.y = torch.from_numpy(raw["y"][:N])
-
-        def __len__(self):
-            return N
-
-        def __getitem__(self, i):
-            return {"x": self.x[i], "y": self.y[i], "__key__": f"digit-{i:05d}"}
-
     # A shuffled order that is the same every time the DataLoader is iterated (what resuming
     # by replaying consumed super-batches needs).
     order = np.random.default_rng(0).permutation(N).tolist()
-    data = DataLoader(Digits(), batch_size=B, sampler=order)
+    data = DataLoader(KeyedDigits(raw, N), batch_size=B, sampler=order)
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -90,7 +80,9 @@ def run_trainer(target: str, tmp_path, name: str, ckpt: str, *extra: str) -> tup
     args = [sys.executable, __file__, "--target", target, "--data", str(tmp_path / "digits.npz"),
             "--out", str(out), "--ckpt", str(tmp_path / f"{ckpt}.ckpt"), "--steps", str(STEPS),
             "--ckpt-every", str(CKPT_EVERY), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where support.py is
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
     records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-3000:]

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jest_stream.server import health_probe
 from jest_stream.v1 import scorer_pb2 as pb
-from server_util import OrtReference, aio_stub, expect_code, inputs_for, learner_for, select_request
+from support import OrtReference, aio_stub, expect_code, inputs_for, learner_for, select_request
 
 TOKEN = "s3cret-token-for-tests"
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED

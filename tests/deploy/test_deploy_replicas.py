@@ -14,23 +14,12 @@ import signal
 
 import numpy as np
 import torch
+from support import KeyedDigits, digit_key
 from torch.utils.data import DataLoader, Dataset
 
 from jest_stream.client import JESTLoader, LocalScorer, RemoteScorer, per_example_cross_entropy
 
 B, N_SELECT, N_EXAMPLES, EPOCHS, SEED = 64, 16, 768, 2, 11  # 12 super-batches per epoch
-
-
-class Digits(Dataset):
-    def __init__(self, digits, n: int):
-        self.x = torch.from_numpy(digits["x"][:n])
-        self.y = torch.from_numpy(digits["y"][:n])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": self.y[i], "__key__": f"digit-{i:04d}"}
 
 
 def train(scorer, data: Dataset, on_step=None) -> tuple[list[list[str]], JESTLoader]:
@@ -66,7 +55,7 @@ def scorer_calls(server) -> float:
 
 
 def test_round_robin_over_two_replicas_survives_killing_one(start_server, per_example_model, digits):
-    data = Digits(digits, N_EXAMPLES)
+    data = KeyedDigits(digits, N_EXAMPLES)
     with LocalScorer(per_example_model, name="digits", intra_op_threads=1) as local:
         expected, _ = train(local, data)
 
@@ -100,7 +89,7 @@ def test_round_robin_over_two_replicas_survives_killing_one(start_server, per_ex
     assert len(steps) == EPOCHS * per_epoch
     for t, keys in enumerate(steps):
         first = (t % per_epoch) * B
-        super_batch = {f"digit-{i:04d}" for i in range(first, first + B)}
+        super_batch = {digit_key(i) for i in range(first, first + B)}
         assert len(keys) == N_SELECT == len(set(keys)), f"step {t}: {keys}"
         assert set(keys) <= super_batch, f"step {t}: examples from outside its super-batch"
     stats = loader.stats

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_util import OrtReference, inputs_for
+from support import OrtReference, inputs_for
 
 from jest_stream import codec
 from jest_stream.server import health_probe

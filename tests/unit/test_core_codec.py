@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from jest_stream import codec
 from jest_stream.v1 import scorer_pb2 as pb
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DTYPES = [np.float16, np.float32, np.float64, np.int32, np.int64, np.uint8, np.bool_]
 
 

@@ -13,7 +13,7 @@ from jest_stream import codec
 from jest_stream.cachefile import CacheFileWriter
 from jest_stream.contract import model_version
 from jest_stream.v1 import scorer_pb2 as pb
-from server_util import (KINDS, SAMPLERS, OrtReference, aio_stub, expect_code, inputs_for, learner_for,
+from support import (KINDS, SAMPLERS, OrtReference, aio_stub, expect_code, inputs_for, learner_for,
                          select_request)
 
 MODEL_OF = {"per_example": "digits", "sigmoid_contrastive": "sigmoid", "softmax_contrastive": "softmax"}

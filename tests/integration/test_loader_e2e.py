@@ -10,25 +10,12 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, Dataset
+from support import KeyedDigits, digit_key
+from torch.utils.data import DataLoader
 
 from jest_stream import JESTLoader, LocalScorer, RemoteScorer, per_example_cross_entropy
 
 B, F = 128, 0.75  # b = 32
-
-
-class Digits(Dataset):
-    """One digit per item: {"x", "y", "__key__"} (default_collate makes dict batches)."""
-
-    def __init__(self, digits, n: int | None = None):
-        self.x = torch.from_numpy(digits["x"][:n])
-        self.y = torch.from_numpy(digits["y"][:n])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": self.y[i], "__key__": f"digit-{i:05d}"}
 
 
 def learner(seed: int = 1) -> torch.nn.Module:
@@ -51,7 +38,7 @@ def run(loader, epochs: int = 1) -> list:
 def test_remote_and_local_select_the_same_sub_batches(start_server, per_example_model, digits):
     server = start_server({"digits": per_example_model})
     model = learner()
-    data = Digits(digits)
+    data = KeyedDigits(digits)
     common = dict(filter_ratio=F, sampler="joint", seed=3)
     with LocalScorer(per_example_model, name="digits", intra_op_threads=1) as local, \
             RemoteScorer(server.target) as remote:
@@ -77,7 +64,7 @@ def structured_batches(digits, tmp_path):
     """The same super-batches as a tensor, a dict, a tuple and a WebDataset dict, each
     with its own key and reference_inputs settings."""
     x, y = torch.from_numpy(digits["x"][:512]), torch.from_numpy(digits["y"][:512])
-    keys = [f"digit-{i:05d}" for i in range(512)]
+    keys = [digit_key(i) for i in range(512)]
     rows = torch.arange(512, dtype=torch.float32)[:, None]
     packed = torch.cat([x, y[:, None].float(), rows], dim=1)  # (N, 66): features, label, row id
     tensor_batches = [packed[i:i + B] for i in range(0, 512, B)]
@@ -90,7 +77,7 @@ def structured_batches(digits, tmp_path):
             sink.write({"__key__": keys[i], "x.npy": digits["x"][i], "y.cls": int(digits["y"][i])})
     webdataset = wds.WebDataset(shard, shardshuffle=False).decode().batched(B)
     return {
-        "tensor": (tensor_batches, dict(key=lambda b: [f"digit-{int(r):05d}" for r in b[:, 65]],
+        "tensor": (tensor_batches, dict(key=lambda b: [digit_key(r) for r in b[:, 65]],
                                         reference_inputs=lambda b: {"x": b[:, :64], "y": b[:, 64].long()}),
                    lambda b: (b[:, :64], b[:, 64].long())),
         "tuple": (tuple_batches, dict(key=lambda b: b[2], reference_inputs=lambda b: {"x": b[0], "y": b[1]}),
@@ -147,7 +134,7 @@ def test_sub_batches_keep_the_batch_structure(where, start_server, per_example_m
 def test_num_workers_2_with_a_remote_scorer(start_server, per_example_model, digits):
     server = start_server({"digits": per_example_model})
     model = learner()
-    data = Digits(digits, n=1024)
+    data = KeyedDigits(digits, n=1024)
     with RemoteScorer(server.target) as scorer:
         scorer.models()  # the channel exists before the workers fork, and again at epoch 2
         results = {}
@@ -206,7 +193,7 @@ def test_tls_and_bearer_token(start_server, per_example_model, digits, tmp_path)
                           "--token-file", str(token), tls_ca=cert.read_bytes())
     model = learner()
     with RemoteScorer(server.target, token="s3cret", tls=str(cert)) as scorer:
-        loader = JESTLoader(DataLoader(Digits(digits, n=256), batch_size=B), dict_score(model), scorer,
+        loader = JESTLoader(DataLoader(KeyedDigits(digits, n=256), batch_size=B), dict_score(model), scorer,
                             filter_ratio=F, seed=0)
         assert [len(sub["__key__"]) for sub in loader] == [32, 32]
         assert loader.stats.fallbacks == 0 and loader.stats.scored == 2

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jest_stream.server.app import ScoringServer, ServerConfig
 from jest_stream.v1 import scorer_pb2 as pb
-from server_util import aio_stub, expect_code, inputs_for, learner_for, select_request
+from support import aio_stub, expect_code, inputs_for, learner_for, select_request
 
 HS = health_pb2.HealthCheckResponse
 

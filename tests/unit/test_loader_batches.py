@@ -8,17 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from sklearn.datasets import load_digits
+from support import digit_key, load_digits_arrays
 
 from jest_stream import Embeddings, Losses
 from jest_stream.client.batches import batch_size, fields_by_name, keys_of, take, to_numpy
 from jest_stream.client.learner import (as_learner_scores, per_example_cross_entropy,
                                         sigmoid_contrastive_embeddings, softmax_contrastive_embeddings)
 
-DIGITS = load_digits()
-X = torch.tensor(DIGITS.data[:12], dtype=torch.float32)
-Y = torch.tensor(DIGITS.target[:12], dtype=torch.int64)
-KEYS = [f"d{i:04d}" for i in range(12)]
+DIGITS = load_digits_arrays()
+X = torch.from_numpy(DIGITS["x"][:12])
+Y = torch.from_numpy(DIGITS["y"][:12])
+KEYS = [digit_key(i) for i in range(12)]
 IDX = np.array([7, 0, 3, 11])
 
 Pair = collections.namedtuple("Pair", "x y")
@@ -62,16 +62,16 @@ def test_webdataset_batches(tmp_path):
     shard = str(tmp_path / "digits-000.tar")
     with wds.TarWriter(shard) as sink:
         for i in range(12):
-            sink.write({"__key__": KEYS[i], "x.npy": DIGITS.data[i].astype(np.float32),
-                        "y.cls": int(DIGITS.target[i])})
+            sink.write({"__key__": KEYS[i], "x.npy": DIGITS["x"][i],
+                        "y.cls": int(DIGITS["y"][i])})
     pipeline = wds.WebDataset(shard, shardshuffle=False).decode().batched(12)
     batch = next(iter(pipeline))
     assert batch_size(batch) == 12
     assert keys_of(batch, "__key__", 12) == KEYS
     sub = take(batch, IDX)
     assert sub["__key__"] == [KEYS[i] for i in IDX]
-    assert np.array_equal(sub["x.npy"], DIGITS.data[IDX].astype(np.float32))
-    assert np.array_equal(sub["y.cls"], DIGITS.target[IDX])
+    assert np.array_equal(sub["x.npy"], DIGITS["x"][IDX])
+    assert np.array_equal(sub["y.cls"], DIGITS["y"][IDX])
     assert set(sub) == set(batch)
     tuples = wds.WebDataset(shard, shardshuffle=False).decode().to_tuple("__key__", "x.npy").batched(12)
     sub = take(next(iter(tuples)), IDX)
@@ -96,7 +96,7 @@ def test_reference_input_mapping_and_dtype():
         fields_by_name({"x": X}, ["x", "y"])
     with pytest.raises(ValueError, match="reference_inputs=fn"):
         fields_by_name(X, ["x", "y"])
-    arr = to_numpy(torch.tensor(DIGITS.data[:4]), np.dtype(np.float32))
+    arr = to_numpy(torch.tensor(DIGITS["x"][:4], dtype=torch.float64), np.dtype(np.float32))
     assert arr.dtype == np.float32 and arr.flags.c_contiguous
 
 

@@ -9,7 +9,7 @@ import pytest
 from jest_stream import codec
 from jest_stream.outputs import Embeddings, Losses
 from jest_stream.v1 import scorer_pb2 as pb
-from server_util import OrtReference, aio_stub, expect_code, inputs_for, learner_for, select_request
+from support import OrtReference, aio_stub, expect_code, inputs_for, learner_for, select_request
 
 MAX_MESSAGE = 1 << 20
 B = 32

@@ -1,8 +1,10 @@
-"""Helpers shared by the server tests: build Select requests from digits, and compute what
-the core says for the same super-batch with ONNX Runtime called directly (the reference
-the served answers are compared with)."""
+"""What the tests share besides their pytest fixtures (those are in conftest.py): the keyed
+digits dataset, the reference models' torch modules, Select requests built from digits, and
+what the core says for the same super-batch with ONNX Runtime called directly (the reference
+the served answers are compared with). Every test folder imports it as ``support``."""
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping, Sequence
 
 import grpc
@@ -14,6 +16,98 @@ from jest_stream.options import SelectOptions
 from jest_stream.selection import select
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
+
+# -- real data: scikit-learn's digits, keyed ------------------------------------------------
+
+
+def load_digits_arrays() -> dict[str, np.ndarray]:
+    """The digits set as float32 features in [0, 1] (x: (1797, 64)) and int64 labels (y),
+    as the demo and the benchmarks load them."""
+    from jest_stream.demo.data import load_digits_scaled
+
+    x, y = load_digits_scaled()
+    return {"x": x, "y": y}
+
+
+def digit_key(i: int) -> str:
+    """The key of digit ``i`` (what a WebDataset shard would call it)."""
+    return f"digit-{int(i):05d}"
+
+
+class KeyedDigits:
+    """The first ``n`` digits as a map-style torch dataset of {"x", "y", "__key__"} items
+    (plus "row", the index, with ``row=True``); default_collate makes dict super-batches."""
+
+    def __init__(self, digits: Mapping[str, np.ndarray], n: int | None = None, *, row: bool = False):
+        import torch
+
+        self.x = torch.from_numpy(np.ascontiguousarray(digits["x"][:n]))
+        self.y = torch.from_numpy(np.ascontiguousarray(digits["y"][:n]))
+        self.row = row
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"x": self.x[i], "y": self.y[i], "__key__": digit_key(i)}
+        if self.row:
+            item["row"] = i
+        return item
+
+
+def text_view(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The 'text' of an image: a second, noisy view of the same digit."""
+    rng = np.random.default_rng(seed)
+    return np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1).astype(np.float32)
+
+
+# -- the reference models' torch modules (torch imported lazily) --------------------------
+
+
+def mlp(inp: int, out: int, seed: int):
+    """inp -> 32 -> out, seeded."""
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(inp, 32), torch.nn.ReLU(), torch.nn.Linear(32, out))
+
+
+class TwoTower:
+    """A small image/text two-tower model (built lazily so importing this imports no torch)."""
+
+    @staticmethod
+    def build(seed: int = 0, dim: int = 16):
+        import torch
+
+        class _TwoTower(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.image = mlp(64, dim, seed)
+                self.text = mlp(64, dim, seed + 1)
+
+            def forward(self, image, text):
+                zi = torch.nn.functional.normalize(self.image(image), dim=-1)
+                zt = torch.nn.functional.normalize(self.text(text), dim=-1)
+                return zi, zt
+
+        return _TwoTower()
+
+
+# -- addresses ---------------------------------------------------------------------------
+
+_HELD: list[socket.socket] = []
+
+
+def refusing_port() -> int:
+    """A loopback port that refuses connections while the tests run: bound by this process
+    (so nobody else can listen on it) and never listened on."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return sock.getsockname()[1]
+
+
+# -- Select requests and their reference answers -------------------------------------------
 
 KINDS = ("per_example", "sigmoid_contrastive", "softmax_contrastive")
 SAMPLERS = ("joint", "topk", "uniform")
@@ -37,8 +131,6 @@ def aio_stub(target: str, credentials: grpc.ChannelCredentials | None = None,
 def inputs_for(kind: str, digits: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
     """The reference model inputs of the digits at ``idx`` (labels for per_example,
     a noisy second view as the 'text' for two-tower models)."""
-    from conftest import text_view
-
     x = digits["x"][idx]
     if kind == "per_example":
         return {"x": x, "y": digits["y"][idx]}

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from support import KeyedDigits, digit_key
+from torch.utils.data import DataLoader
 
 from jest_stream import JESTLoader, RemoteScorer, per_example_cross_entropy
 from jest_stream.client import ScorerUnavailable
@@ -28,20 +29,6 @@ from jest_stream.outputs import Losses
 
 N, B, FILTER = 640, 64, 0.75        # 10 super-batches per epoch, b = 16
 b = round((1 - FILTER) * B)
-
-
-class Digits(Dataset):
-    """Digits as {"x", "y", "__key__"} examples (dict super-batches after collation)."""
-
-    def __init__(self, digits, n: int = N):
-        self.x = torch.from_numpy(digits["x"][:n])
-        self.y = torch.from_numpy(digits["y"][:n])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": self.y[i], "__key__": f"digit-{i:05d}"}
 
 
 class Recorded:
@@ -65,7 +52,7 @@ def learner(seed: int = 1) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
 
 
-def full_loss(model, data: Digits) -> float:
+def full_loss(model, data: KeyedDigits) -> float:
     with torch.no_grad():
         return float(F.cross_entropy(model(data.x), data.y))
 
@@ -82,7 +69,7 @@ def check_accounting(source: Recorded, delivered: list[list[str]], loader: JESTL
     for epoch in range(steps // per_epoch):
         rows = range(epoch * per_epoch, (epoch + 1) * per_epoch)
         seen = [k for t in rows for k in source.keys[t]]
-        assert sorted(seen) == sorted(f"digit-{i:05d}" for i in range(n)), f"epoch {epoch}: examples lost"
+        assert sorted(seen) == sorted(digit_key(i) for i in range(n)), f"epoch {epoch}: examples lost"
         sent = [k for t in rows for k in delivered[t]]
         assert len(set(sent)) == len(sent), f"epoch {epoch}: an example delivered twice"
     s = loader.stats
@@ -95,7 +82,7 @@ def check_accounting(source: Recorded, delivered: list[list[str]], loader: JESTL
 @pytest.mark.timeout(180)
 def test_sigkill_mid_training_and_restart_on_the_same_port(start_server, per_example_model, digits):
     server = start_server({"digits": per_example_model})
-    data = Digits(digits)
+    data = KeyedDigits(digits, N)
     source = Recorded(DataLoader(data, batch_size=B, shuffle=True, generator=torch.Generator().manual_seed(0)))
     model = learner()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -154,7 +141,7 @@ def test_sigkill_mid_training_and_restart_on_the_same_port(start_server, per_exa
 @pytest.mark.timeout(120)
 def test_a_server_slower_than_the_deadline_is_a_counted_fallback(start_server, per_example_model, digits):
     server = start_server({"digits": per_example_model})
-    data = Digits(digits)
+    data = KeyedDigits(digits, N)
     model = learner()
     deadline = 0.5
 
@@ -163,7 +150,7 @@ def test_a_server_slower_than_the_deadline_is_a_counted_fallback(start_server, p
 
     rows = np.arange(B)
     call = SelectCall("digits", "slow", Losses(np.linspace(0, 1, B, dtype=np.float32)), b,
-                      [f"digit-{i:05d}" for i in rows], lambda: {"x": digits["x"][rows], "y": digits["y"][rows]},
+                      [digit_key(i) for i in rows], lambda: {"x": digits["x"][rows], "y": digits["y"][rows]},
                       seed=1)
     with RemoteScorer(server.target, timeout=deadline, max_attempts=1) as scorer, \
             RemoteScorer(server.target, timeout=deadline, max_attempts=1) as strict_scorer:
