@@ -2,7 +2,7 @@
 compose file and the Kubernetes manifests parsed and checked for the structure the
 deployment relies on (headless Service, gRPC probes, token from a secret, replicas).
 
-``Dockerfile`` (the small parser below) is also what tests/test_deploy_image.py uses to
+``Dockerfile`` (the small parser below) is also what tests/deploy/test_deploy_image.py uses to
 run the image's install line, ENV, ENTRYPOINT and HEALTHCHECK as plain commands.
 """
 from __future__ import annotations
