@@ -277,9 +277,9 @@ def run_soak(models: Mapping[str, str], *, jobs: int = 16, seconds: float = 60.0
     if own_log:
         fd, log_path = tempfile.mkstemp(prefix="jest-soak-", suffix=".log")
         os.close(fd)
-    scorer = start_scorer(models, log_path, "--cache-bytes", str(cache_bytes), "--intra-op-threads",
-                          str(intra_op_threads), "--max-message-bytes", str(max_message_bytes), metrics=True,
-                          timeout=120.0)
+    flags = ["--cache-bytes", str(cache_bytes), "--intra-op-threads", str(intra_op_threads),
+             "--max-message-bytes", str(max_message_bytes)]
+    scorer = start_scorer(models, log_path, *flags, metrics=True, timeout=120.0)
     try:
         with grpc.insecure_channel(scorer.target) as channel:
             infos = list(pb_grpc.ScorerStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models)

@@ -21,6 +21,11 @@ from jest_stream.selection import make_rng
 B, b = 64, 16
 
 
+def Digits(digits, n: int = 640) -> KeyedDigits:
+    """The keyed digits with each item's row index (what the fallbacks are checked against)."""
+    return KeyedDigits(digits, n, row=True)
+
+
 torch.manual_seed(0)
 MODEL = torch.nn.Linear(64, 10)
 
@@ -35,7 +40,7 @@ def loader_for(data, scorer, **kw) -> JESTLoader:
 
 def test_unreachable_at_start_falls_back_to_uniform(digits):
     with RemoteScorer(f"127.0.0.1:{refusing_port()}", timeout=2.0) as scorer:
-        loader = loader_for(KeyedDigits(digits, 640, row=True), scorer)
+        loader = loader_for(Digits(digits), scorer)
         subs = list(loader)
     assert len(subs) == 10 and all(len(s["row"]) == b for s in subs)
     assert loader.stats.fallbacks == 10 and loader.stats.scored == 0
@@ -48,7 +53,7 @@ def test_unreachable_at_start_falls_back_to_uniform(digits):
 def test_unreachable_at_start_raises_when_asked(digits):
     port = refusing_port()
     with RemoteScorer(f"127.0.0.1:{port}", timeout=2.0) as scorer:
-        loader = loader_for(KeyedDigits(digits, 640, row=True), scorer, fallback="raise")
+        loader = loader_for(Digits(digits), scorer, fallback="raise")
         with pytest.raises(ScorerUnavailable, match=rf"127\.0\.0\.1:{port}.*UNAVAILABLE.*fallback='raise'"):
             next(iter(loader))
 
@@ -56,7 +61,7 @@ def test_unreachable_at_start_raises_when_asked(digits):
 @pytest.mark.timeout(120)
 def test_scorer_killed_mid_run_then_back(start_server, per_example_model, digits):
     server = start_server({"digits": per_example_model})
-    data = KeyedDigits(digits, n=1792, row=True)  # 28 super-batches
+    data = Digits(digits, n=1792)  # 28 super-batches
     with RemoteScorer(server.target, timeout=3.0, reconnect_backoff_max=0.5) as lenient_scorer, \
             RemoteScorer(server.target, timeout=3.0) as strict_scorer:
         lenient = loader_for(data, lenient_scorer, retry_after=0.2)
@@ -93,13 +98,13 @@ def test_configuration_errors_raise_even_with_uniform_fallback(start_server, per
     server = start_server({"digits": per_example_model}, "--token-file", str(token))
     with RemoteScorer(server.target, token="wrong") as scorer:
         with pytest.raises(ScorerRejected, match="UNAUTHENTICATED.*wrong token"):
-            next(iter(loader_for(KeyedDigits(digits, 640, row=True), scorer)))
+            next(iter(loader_for(Digits(digits), scorer)))
     with RemoteScorer(server.target, token="s3cret") as scorer:
-        assert len(list(loader_for(KeyedDigits(digits, n=128, row=True), scorer))) == 2
+        assert len(list(loader_for(Digits(digits, n=128), scorer))) == 2
         with pytest.raises(ScorerRejected, match="model: 'nope' is not served"):
-            next(iter(loader_for(KeyedDigits(digits, 640, row=True), scorer, model="nope")))
+            next(iter(loader_for(Digits(digits), scorer, model="nope")))
     with LocalScorer(per_example_model) as scorer:
-        bad_inputs = loader_for(KeyedDigits(digits, 640, row=True), scorer, reference_inputs=lambda batch: {"x": batch["x"]})
+        bad_inputs = loader_for(Digits(digits), scorer, reference_inputs=lambda batch: {"x": batch["x"]})
         with pytest.raises(ValueError, match=r"reference_inputs: returned \['x'\] but model 'digits' needs"):
             next(iter(bad_inputs))
 
@@ -111,10 +116,10 @@ def test_nonfinite_learner_scores_fall_back_and_are_counted(per_example_model, d
         return losses
 
     with LocalScorer(per_example_model) as scorer:
-        loader = JESTLoader(DataLoader(KeyedDigits(digits, n=128, row=True), batch_size=B), nan_score, scorer, n_select=b)
+        loader = JESTLoader(DataLoader(Digits(digits, n=128), batch_size=B), nan_score, scorer, n_select=b)
         assert len(list(loader)) == 2
         assert loader.stats.fallback_reasons == {"nonfinite_learner_scores": 2}
-        strict = JESTLoader(DataLoader(KeyedDigits(digits, n=128, row=True), batch_size=B), nan_score, scorer, n_select=b,
+        strict = JESTLoader(DataLoader(Digits(digits, n=128), batch_size=B), nan_score, scorer, n_select=b,
                             fallback="raise")
         with pytest.raises(ValueError, match="NaN or inf"):
             next(iter(strict))
@@ -124,7 +129,7 @@ def test_evicted_reference_cache_entries_are_resent(start_server, per_example_mo
     """Caches far smaller than an epoch evict keys the client believes cached: the
     Select without inputs is refused and resent with them; selections do not change."""
     server = start_server({"digits": per_example_model}, "--cache-bytes", "4096")
-    data = KeyedDigits(digits, n=512, row=True)
+    data = Digits(digits, n=512)
     with LocalScorer(per_example_model) as roomy:
         roomy_loader = loader_for(data, roomy)
         expected = [s["row"].tolist() for _ in range(2) for s in roomy_loader]

@@ -10,26 +10,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from support import TwoTower, mlp
 
 from jest_stream.client.export import export_reference
 from jest_stream.contract import ContractError, ModelContract, TensorSpec
 from jest_stream.server.engine import ScoringEngine
 from jest_stream.server.models import ReferenceModel
-
-
-def mlp(out: int = 10, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, out))
-
-
-class Towers(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.image, self.text = mlp(16, 1), mlp(16, 2)
-
-    def forward(self, image, text):
-        return (torch.nn.functional.normalize(self.image(image), dim=-1),
-                torch.nn.functional.normalize(self.text(text), dim=-1))
 
 
 def metadata(path) -> dict[str, str]:
@@ -50,7 +36,7 @@ def tensors(digits):
 @pytest.fixture(scope="module")
 def per_example(tmp_path_factory, tensors):
     x, y = tensors
-    model = mlp()
+    model = mlp(64, 10, seed=0)
     path = tmp_path_factory.mktemp("export") / "per_example.onnx"
     contract = export_reference(model, torch.nn.CrossEntropyLoss(reduction="none"), path,
                                 example_inputs=(x[:4], y[:4]), input_names=("x", "y"), kind="per_example",
@@ -61,7 +47,7 @@ def per_example(tmp_path_factory, tensors):
 @pytest.fixture(scope="module")
 def contrastive(tmp_path_factory, tensors):
     x, _ = tensors
-    model = Towers()
+    model = TwoTower.build(seed=1)
     path = tmp_path_factory.mktemp("export") / "siglip.onnx"
     contract = export_reference(model, None, path, example_inputs={"image": x[:4], "text": x[4:8]},
                                 kind="sigmoid_contrastive", logit_scale=torch.tensor(10.0), logit_bias=-5.0)
@@ -142,7 +128,7 @@ def test_clear_errors(tmp_path, tensors, kwargs, match):
     if kwargs["kind"] != "per_example":
         kw = dict(example_inputs=(x[:4], x[4:8]), input_names=("image", "text"))
     kw.update(kwargs)
-    model = Towers() if "contrastive" in kw["kind"] else mlp()
+    model = TwoTower.build(seed=1) if "contrastive" in kw["kind"] else mlp(64, 10, seed=0)
     with pytest.raises(ValueError, match=match):
         export_reference(model, kw.pop("loss_fn"), tmp_path / "m.onnx", **kw)
     assert not (tmp_path / "m.onnx").exists() or kwargs["kind"] == "per_example"
@@ -152,7 +138,7 @@ def _plain_export(path, x, dynamic: bool = True) -> None:
     """A plain torch.onnx.export (no jest metadata) of a classifier."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(mlp(), (x[:2],), str(path), input_names=["x"], output_names=["loss"],
+        torch.onnx.export(mlp(64, 10, seed=0), (x[:2],), str(path), input_names=["x"], output_names=["loss"],
                           dynamic_axes={"x": {0: "batch"}, "loss": {0: "batch"}} if dynamic else None,
                           dynamo=False)
 
@@ -223,7 +209,7 @@ def test_example_inputs_may_be_a_dict_and_logit_scale_a_tensor(tmp_path, tensors
     (e.g. ``model.log_scale.exp()``) is written as its value."""
     x, _ = tensors
     scale = torch.tensor(7.0, requires_grad=True)
-    contract = export_reference(Towers(), None, tmp_path / "d.onnx",
+    contract = export_reference(TwoTower.build(seed=1), None, tmp_path / "d.onnx",
                                 example_inputs={"image": x[:3], "text": x[3:6]}, kind="softmax_contrastive",
                                 logit_scale=scale * 1.0)
     assert list(contract.inputs) == ["image", "text"] and contract.logit_scale == pytest.approx(7.0)
