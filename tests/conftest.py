@@ -1,5 +1,6 @@
 """Shared fixtures: real data (scikit-learn's digits), real reference models exported by our
-own helper, and real scorer processes on loopback ports."""
+own helper, and real scorer processes on loopback ports the kernel assigns (started by
+jest_stream.server.launch, the harness the demo and the benchmarks use too)."""
 from __future__ import annotations
 
 import os
