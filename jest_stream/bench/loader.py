@@ -172,8 +172,13 @@ def measure(args: argparse.Namespace, model_path: str, target: str) -> dict[str,
     finally:
         local_scorer.close()
         remote_scorer.close()
+    return _figures(times, {name: loader.stats for name, loader in loaders.items()}, same, args, b)
+
+
+def _figures(times: dict[str, list[float]], stats: dict[str, Any], same: bool, args: argparse.Namespace,
+             b: int) -> dict[str, Any]:
+    """Overheads from the per-sub-batch times, and what the loaders counted."""
     typical = {name: statistics.median(v) for name, v in times.items()}
-    stats = {name: loader.stats for name, loader in loaders.items()}
     return {
         "overhead_local": round(typical["local"] / typical["plain"] - 1.0, 4),
         "overhead_remote": round(typical["remote"] / typical["local"] - 1.0, 4),

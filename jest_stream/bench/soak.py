@@ -288,6 +288,17 @@ def run_soak(models: Mapping[str, str], *, jobs: int = 16, seconds: float = 60.0
         text = scorer.metrics()
     finally:
         exit_code = scorer.stop()
+    result = _summarize(scorer, figures, text, exit_code, jobs=jobs, batch=batch, n_select=n_select,
+                        warmup=warmup, cache_bytes=cache_bytes, log_path=log_path)
+    if own_log and result["ok"]:  # nothing to look at: do not leave temporary files behind
+        os.unlink(log_path)
+        result["log"] = None
+    return result
+
+
+def _summarize(scorer: ScorerProcess, figures: dict[str, Any], text: str, exit_code: int, *, jobs: int,
+               batch: int, n_select: int, warmup: float, cache_bytes: int, log_path: str) -> dict[str, Any]:
+    """The soak's figures from the clients' tally and the scorer's final metrics."""
     tally: Tally = figures["tally"]
     lat = np.asarray(tally.latencies) * 1e3
     hits = scorer.metric("jest_cache_hits_total", text)
@@ -325,9 +336,6 @@ def run_soak(models: Mapping[str, str], *, jobs: int = 16, seconds: float = 60.0
     }
     result["ok"] = bool(result["errors"] == 0 and result["rss_growth"] <= RSS_TARGET
                         and result["cache_bytes"] <= cache_bytes and calls > 0 and exit_code == 0)
-    if own_log and result["ok"]:  # nothing to look at: do not leave temporary files behind
-        os.unlink(log_path)
-        result["log"] = None
     return result
 
 
