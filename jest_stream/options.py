@@ -22,6 +22,23 @@ SCORE_WEIGHTS: dict[str, tuple[float, float]] = {
 SCORES: tuple[str, ...] = tuple(SCORE_WEIGHTS)
 SAMPLERS: tuple[str, ...] = ("joint", "topk", "uniform")
 DEFAULT_N_CHUNKS = 16
+# Softmax candidate score: the exact marginal gain of the set's batch loss, or the
+# candidate's own loss within S + {i} alone (see jest_stream.softmax_scores).
+SOFTMAX_SCORES: tuple[str, ...] = ("marginal", "own")
+# score_gain=None means the loss kind's default, chosen on the quality tests' harness
+# (clusters of learnable hard negatives; mean batch learnability J of joint's sets,
+# 20 seeds, B = 256 and 1024, f = 0.5 / 0.8 / 0.9):
+# - per_example 1: joint is then exactly exp(score)-weighted sampling without replacement;
+# - sigmoid 1: its conditional scores sum |S| pair terms, so they are large already; gains
+#   3 and 10 moved J by under 5% (B=1024, f=0.8: 23.5 / 23.1 / 22.8);
+# - softmax 30: its scores are per-member log-sum-exp changes, ~100x smaller; summed over
+#   the six settings J was 1.81 at gain 10, 1.97 at 30, 1.87 at 100 (at gain 1, joint sat
+#   near uniform: -0.05 against topk's 0.40 at B=256, f=0.8).
+DEFAULT_GAINS: dict[str, float] = {
+    "per_example": 1.0,
+    "sigmoid_contrastive": 1.0,
+    "softmax_contrastive": 30.0,
+}
 
 
 def check_name(value: str, allowed: tuple[str, ...], field: str) -> str:
@@ -41,23 +58,32 @@ def check_int(value: Any, field: str, minimum: int) -> int:
 @dataclass(frozen=True)
 class SelectOptions:
     """The selection rule: score (learnability, hard_learner, easy_reference), sampler
-    (joint, topk, uniform), the joint sampler's chunk count and the score gain
-    (how greedy the sampler is). Raises ValueError naming the field on a bad value."""
+    (joint, topk, uniform), the joint sampler's chunk count, the score gain (how greedy
+    the sampler is; None: the loss kind's default, ``gain_for(kind)``) and the softmax
+    candidate score (marginal, own). Raises ValueError naming the field on a bad value."""
 
     score: str = "learnability"
     sampler: str = "joint"
     n_chunks: int = DEFAULT_N_CHUNKS
-    score_gain: float = 1.0
+    score_gain: float | None = None
+    softmax_score: str = "marginal"
 
     def __post_init__(self) -> None:
         check_name(self.score, SCORES, "score")
         check_name(self.sampler, SAMPLERS, "sampler")
+        check_name(self.softmax_score, SOFTMAX_SCORES, "softmax_score")
         object.__setattr__(self, "n_chunks", check_int(self.n_chunks, "n_chunks", 1))
         gain = self.score_gain
+        if gain is None:
+            return
         if isinstance(gain, bool) or not isinstance(gain, (int, float, np.floating, np.integer)) \
                 or not np.isfinite(gain):
-            raise ValueError(f"score_gain: must be a finite number, got {gain!r}")
+            raise ValueError(f"score_gain: must be a finite number or None (the kind's default), got {gain!r}")
         object.__setattr__(self, "score_gain", float(gain))
+
+    def gain_for(self, kind: str) -> float:
+        """The score gain for loss ``kind``: ``score_gain`` if set, else the kind's default."""
+        return DEFAULT_GAINS[kind] if self.score_gain is None else self.score_gain
 
     @property
     def needs_learner(self) -> bool:

@@ -11,16 +11,20 @@
   Gumbel-top-b draw, so there the N chunks are one draw: N times less work.
 
 Randomness comes from one numpy Generator, in a fixed order (one ``gumbel(size=B)`` per
-chunk; one in all for per-example scores), so the same inputs and seed give the same
-indices on every machine.
+chunk; one in all for per-example scores), drawn on the host and moved to the scores'
+device, so the same inputs and seed give the same indices on every machine and on
+every array library (numpy, torch, CuPy).
 """
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
+import numpy as np
+from array_api_compat import device as compat_device
+
+from jest_stream import xp as xp_util
 from jest_stream.conditional import ConditionalScores
 from jest_stream.options import DEFAULT_N_CHUNKS, check_int
-
 
 
 def check_sizes(batch_size: int, n_select: int) -> None:
@@ -49,31 +53,33 @@ def uniform(batch_size: int, n_select: int, rng: np.random.Generator) -> np.ndar
     return rng.choice(batch_size, size=n_select, replace=False).astype(np.int64)
 
 
-def topk(scores: np.ndarray, n_select: int) -> np.ndarray:
+def topk(scores: Any, n_select: int) -> np.ndarray:
     """The indices of the b highest scores, highest first (ties: lower index first)."""
     check_sizes(scores.shape[0], n_select)
     _check_finite_scores(scores)
-    return np.argsort(-scores, kind="stable")[:n_select].astype(np.int64)
+    host = xp_util.to_host(scores)
+    return np.argsort(-host, kind="stable")[:n_select].astype(np.int64)
 
 
-def gumbel_topk(logits: np.ndarray, k: int, rng: np.random.Generator,
-                taken: np.ndarray | None = None) -> np.ndarray:
+def gumbel_topk(logits: Any, k: int, rng: np.random.Generator, taken: Any = None) -> Any:
     """Sample k indices without replacement with probability proportional to exp(logits).
 
-    Indices where ``taken`` is True are never drawn. Returned in draw order.
+    ``logits`` may be any array the core supports; the Gumbel noise is drawn on the host
+    (B float64s from ``rng``) and moved to the logits' device, so a seed gives the same
+    draws everywhere. Indices where ``taken`` is True are never drawn. Returned in draw
+    order, as int64 on the logits' device.
     """
-    perturbed = logits + rng.gumbel(size=logits.shape[0])
-    candidates = np.arange(perturbed.shape[0]) if taken is None else np.flatnonzero(~taken)
-    values = perturbed[candidates]
-    if k < values.shape[0]:
-        top = np.argpartition(-values, k - 1)[:k]
-    else:
-        top = np.arange(values.shape[0])
-    return candidates[top[np.argsort(-values[top], kind="stable")]].astype(np.int64)
+    xp = xp_util.namespace(logits)
+    noise = xp_util.from_host(rng.gumbel(size=logits.shape[0]), logits)
+    perturbed = xp.astype(logits, xp.float64) + noise
+    if taken is not None:
+        perturbed = xp.where(taken, -xp.inf, perturbed)
+    return xp.astype(xp_util.top_indices(perturbed, k), xp.int64)
 
 
-def _check_finite_scores(c: np.ndarray) -> None:
-    if not np.all(np.isfinite(c)):
+def _check_finite_scores(c: Any) -> None:
+    xp = xp_util.namespace(c)
+    if not bool(xp.all(xp.isfinite(c))):
         raise ValueError("learner: scores overflowed to NaN or inf (logit_scale or embeddings too large); "
                          "send finite, reasonably scaled scores")
 
@@ -85,6 +91,7 @@ def joint(scores: ConditionalScores, n_select: int, rng: np.random.Generator,
     ``scores`` keeps c_i as a running vector: ``initial()`` before the first chunk and
     ``update(chunk)`` after each one (never after the last). Scores that are not
     ``pairwise`` (per-example) take one Gumbel-top-b draw, the same distribution.
+    The chunks are drawn where the scores live; the indices come back as numpy int64.
     """
     b = scores.batch_size
     check_sizes(b, n_select)
@@ -93,15 +100,17 @@ def joint(scores: ConditionalScores, n_select: int, rng: np.random.Generator,
         # Fixed scores: the chunks' sequential draws are one Plackett-Luce draw of b.
         c = score_gain * scores.initial()
         _check_finite_scores(c)
-        return gumbel_topk(c, n_select, rng)
-    taken = np.zeros(b, dtype=bool)
-    picked: list[np.ndarray] = []
+        return xp_util.to_host(gumbel_topk(c, n_select, rng)).astype(np.int64)
     c = scores.initial()
+    xp = xp_util.namespace(c)
+    taken = xp.zeros(b, dtype=xp.bool, device=compat_device(c))
+    picked: list[np.ndarray] = []
     for step, size in enumerate(sizes):
-        _check_finite_scores(score_gain * c)
-        chunk = gumbel_topk(score_gain * c, size, rng, taken)
+        logits = score_gain * c
+        _check_finite_scores(logits)
+        chunk = gumbel_topk(logits, size, rng, taken)
         taken[chunk] = True
-        picked.append(chunk)
+        picked.append(xp_util.to_host(chunk))
         if step + 1 < len(sizes):
             c = scores.update(chunk)
-    return np.concatenate(picked)
+    return np.concatenate(picked).astype(np.int64)

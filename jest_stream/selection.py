@@ -13,6 +13,7 @@ from jest_stream.conditional import conditional_scores
 from jest_stream.options import SelectOptions, check_name
 from jest_stream.outputs import LOSS_KINDS, Embeddings, Losses
 from jest_stream.samplers import joint, topk, uniform
+from jest_stream.xp import to_host
 
 SeedLike = int | np.random.Generator | None
 
@@ -67,8 +68,9 @@ def select(
     """Select ``n_select`` examples of a super-batch from learner and reference outputs.
 
     ``kind`` is the loss kind (per_example, sigmoid_contrastive, softmax_contrastive);
-    ``options`` the rule (score, sampler, chunks, gain). Raises ValueError naming the
-    argument on bad input.
+    ``options`` the rule (score, sampler, chunks, gain). The outputs may be numpy, torch
+    (CPU or CUDA) or CuPy arrays: selection runs where they are, and the indices come
+    back as a numpy int64 array. Raises ValueError naming the argument on bad input.
     """
     if not isinstance(options, SelectOptions):
         raise TypeError(f"options: expected a SelectOptions, got {type(options).__name__}")
@@ -80,13 +82,14 @@ def select(
             "both must score the same super-batch"
         )
     rng = make_rng(seed)
-    scores = conditional_scores(kind, learner, reference, options.score)
+    scores = conditional_scores(kind, learner, reference, options.score, options.softmax_score)
     batch = scores.batch_size
     if options.sampler == "uniform":
         indices = uniform(batch, n_select, rng)
     elif options.sampler == "topk":
-        indices = topk(scores.diagonal(), n_select)
+        indices = topk(scores.per_example(), n_select)
     else:
-        indices = joint(scores, n_select, rng, n_chunks=options.n_chunks, score_gain=options.score_gain)
-    diag = scores.diagonal()
+        indices = joint(scores, n_select, rng, n_chunks=options.n_chunks,
+                        score_gain=options.gain_for(kind))
+    diag = to_host(scores.diagonal())
     return Selection(indices, float(diag[indices].mean()), float(diag.mean()))
