@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "selection": ("jest_stream.bench.selection", "selection speed vs the matmul floor and a B x B implementation"),
+    "gpu": ("jest_stream.bench.gpu", "paper-scale joint selection on torch-CUDA and CuPy beside its matmul floor"),
     "server": ("jest_stream.bench.server", "served vs in-process throughput, cache hits, concurrency, fairness"),
     "loader": ("jest_stream.bench.loader", "JESTLoader overhead, local and remote"),
     "soak": ("jest_stream.bench.soak", "16 jobs against one scorer: errors, latency, memory growth"),
