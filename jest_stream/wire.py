@@ -54,7 +54,7 @@ def options_to_proto(options: SelectOptions, request: pb.SelectRequest) -> None:
     request.score = options.score
     request.sampler = options.sampler
     request.n_chunks = options.n_chunks
-    request.score_gain = options.score_gain
+    request.score_gain = 0.0 if options.score_gain is None else options.score_gain  # 0: the kind's default
 
 
 def options_from_proto(request: pb.SelectRequest) -> SelectOptions:
