@@ -67,6 +67,9 @@ class PerExampleScores:
     def initial(self) -> Any:
         return self._s
 
+    def expected(self, n_select: int) -> Any:
+        return self._s
+
     def update(self, chunk: Any) -> Any:
         return self._s
 
@@ -113,6 +116,12 @@ class SigmoidScores:
             term = w * (softplus(-t.diag) + rows + cols - 2.0 * softplus(t.diag))
             total = term if total is None else total + term
         return total
+
+    def expected(self, n_select: int) -> Any:
+        """E[c_i | S a uniform random set of n_select - 1 others]: S_ii plus that share
+        of i's pairs with the whole super-batch (one B x B x d pass, as ``per_example``)."""
+        share = (n_select - 1) / max(self.batch_size - 1, 1)
+        return self._diag + share * (self.per_example() - self._diag)
 
     def initial(self) -> Any:
         xp = xp_util.namespace(self._diag)

@@ -25,6 +25,10 @@ DEFAULT_N_CHUNKS = 16
 # Softmax candidate score: the exact marginal gain of the set's batch loss, or the
 # candidate's own loss within S + {i} alone (see jest_stream.softmax_scores).
 SOFTMAX_SCORES: tuple[str, ...] = ("marginal", "own")
+# The joint sampler's first chunk: from each candidate's score given the empty set
+# (S_ii, JEST's rule) or its expected score given a random set of b - 1 others (one
+# extra B x B x d pass for sigmoid scores; softmax's first chunk is in-batch already).
+FIRST_CHUNKS: tuple[str, ...] = ("diagonal", "in_batch")
 # score_gain=None means the loss kind's default, chosen on the quality tests' harness
 # (clusters of learnable hard negatives; mean batch learnability J of joint's sets,
 # 20 seeds, B = 256 and 1024, f = 0.5 / 0.8 / 0.9):
@@ -59,19 +63,21 @@ def check_int(value: Any, field: str, minimum: int) -> int:
 class SelectOptions:
     """The selection rule: score (learnability, hard_learner, easy_reference), sampler
     (joint, topk, uniform), the joint sampler's chunk count, the score gain (how greedy
-    the sampler is; None: the loss kind's default, ``gain_for(kind)``) and the softmax
-    candidate score (marginal, own). Raises ValueError naming the field on a bad value."""
+    the sampler is; None: the loss kind's default, ``gain_for(kind)``), the softmax
+    candidate score (marginal, own) and the joint sampler's first chunk (diagonal, in_batch). Raises ValueError naming the field on a bad value."""
 
     score: str = "learnability"
     sampler: str = "joint"
     n_chunks: int = DEFAULT_N_CHUNKS
     score_gain: float | None = None
     softmax_score: str = "marginal"
+    first_chunk: str = "diagonal"
 
     def __post_init__(self) -> None:
         check_name(self.score, SCORES, "score")
         check_name(self.sampler, SAMPLERS, "sampler")
         check_name(self.softmax_score, SOFTMAX_SCORES, "softmax_score")
+        check_name(self.first_chunk, FIRST_CHUNKS, "first_chunk")
         object.__setattr__(self, "n_chunks", check_int(self.n_chunks, "n_chunks", 1))
         gain = self.score_gain
         if gain is None:

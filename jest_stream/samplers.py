@@ -85,13 +85,17 @@ def _check_finite_scores(c: Any) -> None:
 
 
 def joint(scores: ConditionalScores, n_select: int, rng: np.random.Generator,
-          n_chunks: int = DEFAULT_N_CHUNKS, score_gain: float = 1.0) -> np.ndarray:
+          n_chunks: int = DEFAULT_N_CHUNKS, score_gain: float = 1.0,
+          first_chunk: str = "diagonal") -> np.ndarray:
     """JEST's joint selection of b examples in N chunks from conditional scores.
 
     ``scores`` keeps c_i as a running vector: ``initial()`` before the first chunk and
     ``update(chunk)`` after each one (never after the last). Scores that are not
     ``pairwise`` (per-example) take one Gumbel-top-b draw, the same distribution.
-    The chunks are drawn where the scores live; the indices come back as numpy int64.
+    ``first_chunk="in_batch"`` draws the first chunk from ``scores.expected(b)``, each
+    candidate's expected conditional score given a random set of b - 1 others, instead
+    of the empty set's. The chunks are drawn where the scores live; the indices come
+    back as numpy int64.
     """
     b = scores.batch_size
     check_sizes(b, n_select)
@@ -102,6 +106,8 @@ def joint(scores: ConditionalScores, n_select: int, rng: np.random.Generator,
         _check_finite_scores(c)
         return xp_util.to_host(gumbel_topk(c, n_select, rng)).astype(np.int64)
     c = scores.initial()
+    if first_chunk == "in_batch":
+        c = scores.expected(n_select)
     xp = xp_util.namespace(c)
     taken = xp.zeros(b, dtype=xp.bool, device=compat_device(c))
     picked: list[np.ndarray] = []

@@ -90,6 +90,6 @@ def select(
         indices = topk(scores.per_example(), n_select)
     else:
         indices = joint(scores, n_select, rng, n_chunks=options.n_chunks,
-                        score_gain=options.gain_for(kind))
+                        score_gain=options.gain_for(kind), first_chunk=options.first_chunk)
     diag = to_host(scores.diagonal())
     return Selection(indices, float(diag[indices].mean()), float(diag.mean()))

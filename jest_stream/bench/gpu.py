@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from jest_stream.bench.selection import floor_fn, limit_threads, median_ms, synchronize
+from jest_stream.bench.selection import floor_fn, limit_threads, median_ms, shape_parser, synchronize
 from jest_stream.options import SelectOptions
 from jest_stream.outputs import Embeddings
 from jest_stream.selection import select
@@ -84,14 +84,7 @@ def plan(backends: Sequence[str], sizes: Sequence[int], host_size: int) -> list[
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="jest-stream bench gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[16384, 65536, 163840],
-                        help="super-batch sizes B on the device (default 16384 65536 163840)")
-    parser.add_argument("--dim", type=int, default=768, help="embedding width d (default 768)")
-    parser.add_argument("--filter-ratio", type=float, default=0.8, help="f; b = (1-f) B (default 0.8)")
-    parser.add_argument("--chunks", type=int, default=16, help="joint sampler chunks (default 16)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (default 3)")
+    parser = shape_parser("jest-stream bench gpu", __doc__, [16384, 65536, 163840], 768, 3)
     parser.add_argument("--backends", default="torch,cupy",
                         help="comma list of device libraries: torch, cupy (default both)")
     parser.add_argument("--device", default="cuda", help="torch device (default cuda)")
@@ -99,16 +92,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="B for the numpy comparison on the host (0: skip; default 16384)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="skip the cases left after this many seconds (default 420)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="cap host threads (numpy BLAS, torch on the CPU) at N (default: as they are)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     bad = [n for n in names if n not in ("torch", "cupy")]
     if bad or not names:
         parser.error(f"--backends: unknown {bad or args.backends!r}; expected a comma list of torch, cupy")
-    if not 0.0 <= args.filter_ratio < 1.0:
-        parser.error(f"--filter-ratio: must be in [0, 1), got {args.filter_ratio}")
     args.backends = names
     return args
 

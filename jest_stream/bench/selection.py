@@ -188,6 +188,29 @@ def limit_threads(threads: int, backends: Sequence[str]) -> Any:
     return threadpool_limits(threads)
 
 
+def shape_parser(prog: str, doc: str | None, sizes: list[int], dim: int, repeats: int) -> argparse.ArgumentParser:
+    """The flags both selection benchmarks share: sizes, width, ratio, chunks, repeats,
+    threads and --json (a bad --filter-ratio is refused when parsed)."""
+    def ratio(text: str) -> float:
+        value = float(text)
+        if not 0.0 <= value < 1.0:
+            raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+        return value
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=sizes,
+                        help=f"super-batch sizes B (default: {' '.join(map(str, sizes))})")
+    parser.add_argument("--dim", type=int, default=dim, help=f"embedding width d (default {dim})")
+    parser.add_argument("--filter-ratio", type=ratio, default=0.8, help="f; b = (1-f) B (default 0.8)")
+    parser.add_argument("--chunks", type=int, default=16, help="joint sampler chunks (default 16)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed runs per case (default {repeats})")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="cap numpy BLAS and torch CPU threads at N, the same for all (default: as they are)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
 def parse_backends(text: str) -> list[str]:
     """``numpy,torch`` -> ["numpy", "torch"]; ValueError naming --backend on an unknown name."""
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -207,26 +230,14 @@ def _print_table(cases: list[dict]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jest-stream bench selection", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384],
-                        help="super-batch sizes B (default: 1024 4096 16384)")
-    parser.add_argument("--dim", type=int, default=256, help="embedding width d (default 256)")
-    parser.add_argument("--filter-ratio", type=float, default=0.8, help="f; b = (1-f) B (default 0.8)")
-    parser.add_argument("--chunks", type=int, default=16, help="joint sampler chunks (default 16)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (default 5)")
+    parser = shape_parser("jest-stream bench selection", __doc__, [1024, 4096, 16384], 256, 5)
     parser.add_argument("--backend", default="numpy",
                         help="comma list of array libraries to time: numpy, torch, cupy (default numpy)")
     parser.add_argument("--device", default="cpu", help="torch device for --backend torch (default cpu)")
     parser.add_argument("--kind", default="sigmoid_contrastive",
                         choices=["sigmoid_contrastive", "softmax_contrastive"], help="loss kind")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="cap numpy BLAS and torch threads at N, the same for both (default: as they are)")
     parser.add_argument("--no-naive", action="store_true", help="skip the B x B baseline")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.filter_ratio < 1.0:
-        parser.error(f"--filter-ratio: must be in [0, 1), got {args.filter_ratio}")
     try:
         backends = parse_backends(args.backend)
     except ValueError as exc:

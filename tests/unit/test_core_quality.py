@@ -51,6 +51,8 @@ def measured(request):
             out[f] = {name: mean_j(SelectOptions(sampler=name)) for name in ("uniform", "topk", "joint")}
             if kind == "softmax_contrastive":
                 out[f]["joint_own"] = mean_j(SelectOptions(softmax_score="own"))
+            else:
+                out[f]["joint_in_batch"] = mean_j(SelectOptions(first_chunk="in_batch"))
             out[f]["chain"] = swap_chain(state_of, set_j, batch, b, DEFAULT_GAINS[kind], seed=11,
                                          block=300, max_blocks=20)
     return kind, batch, out
@@ -85,6 +87,18 @@ def test_softmax_joint_beats_topk_at_high_filtering(measured, f):
         pytest.skip("softmax only: sigmoid joint, whose first chunk sees only S_ii, is below "
                     "in-batch topk on this harness")
     assert out[f]["joint"] >= out[f]["topk"], (batch, f, out[f])
+
+
+@pytest.mark.parametrize("f", (0.8, 0.9))
+def test_sigmoid_in_batch_first_chunk_beats_the_diagonal_one(measured, f):
+    """Seeding the first chunk with each candidate's expected pairs finds the hard-negative
+    clusters that S_ii alone cannot see; at f = 0.9 that puts joint above topk."""
+    kind, batch, out = measured
+    if kind != "sigmoid_contrastive":
+        pytest.skip("sigmoid only: softmax's first chunk is in-batch already")
+    assert out[f]["joint_in_batch"] > out[f]["joint"], (batch, f, out[f])
+    if f == 0.9:
+        assert out[f]["joint_in_batch"] >= out[f]["topk"], (batch, f, out[f])
 
 
 # The incremental softmax marginal gain against a plain full-matrix computation -------------

@@ -244,14 +244,20 @@ def test_topk_is_the_high_gain_limit_of_joint_on_per_example_scores():
 
 # 4. Incremental == full-matrix, same seed ---------------------------------------------------
 
-def full_matrix_sigmoid_joint(learner, reference, n_select, n_chunks, seed, gain=1.0):
+def full_matrix_sigmoid_joint(learner, reference, n_select, n_chunks, seed, gain=1.0, first="diagonal"):
+    """With first="in_batch", the first chunk's score is c_i's mean over random sets of
+    n_select - 1 others: S_ii + (n_select - 1) / (B - 1) * sum_{j != i} (S_ij + S_ji)."""
     s = sigmoid_matrix(learner, reference)
+    batch = s.shape[0]
     rng = np.random.default_rng(seed)
-    taken = np.zeros(s.shape[0], dtype=bool)
+    taken = np.zeros(batch, dtype=bool)
     out = []
     sizes = chunk_sizes(n_select, n_chunks)
     for step, size in enumerate(sizes):
-        c = np.array([s[i, i] + sum(s[i, k] + s[k, i] for k in out) for i in range(s.shape[0])])
+        c = np.array([s[i, i] + sum(s[i, k] + s[k, i] for k in out) for i in range(batch)])
+        if step == 0 and first == "in_batch":
+            pairs = np.array([sum(s[i, j] + s[j, i] for j in range(batch) if j != i) for i in range(batch)])
+            c = c + (n_select - 1) / (batch - 1) * pairs
         pick = gumbel_topk(gain * c, size, rng, taken)
         taken[pick] = True
         out.extend(pick.tolist())
@@ -293,6 +299,25 @@ def test_incremental_joint_equals_full_matrix(kind, reference_impl, seed):
                   options=SelectOptions(n_chunks=4, score_gain=2.0, softmax_score="own")).indices
     theirs = reference_impl(learner, reference, 13, 4, seed, gain=2.0)
     assert ours.tolist() == theirs.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_in_batch_first_chunk_equals_full_matrix(seed):
+    learner, reference = make_pair(seed, batch=48, dim=8)
+    ours = select(13, kind="sigmoid_contrastive", learner=learner, reference=reference, seed=seed,
+                  options=SelectOptions(n_chunks=4, score_gain=2.0, first_chunk="in_batch")).indices
+    theirs = full_matrix_sigmoid_joint(learner, reference, 13, 4, seed, gain=2.0, first="in_batch")
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_sigmoid_topk_ranks_by_the_whole_in_batch_loss():
+    """topk's sigmoid score is S_ii + sum_{j != i} (S_ij + S_ji), not the positive pair alone."""
+    learner, reference = make_pair(3, batch=64, dim=8)
+    s = sigmoid_matrix(learner, reference)
+    want = np.diag(s) + (s.sum(axis=0) + s.sum(axis=1) - 2 * np.diag(s))
+    got = select(20, kind="sigmoid_contrastive", learner=learner, reference=reference,
+                 options=SelectOptions(sampler="topk")).indices
+    assert sorted(got.tolist()) == sorted(np.argsort(-want)[:20].tolist())
 
 
 def test_chunk_sizes_put_the_remainder_last():
