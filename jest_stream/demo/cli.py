@@ -31,12 +31,16 @@ METHODS = ("uniform", "topk", "joint")
 MODEL_NAME = "reference"
 
 
-def _task(name: str):
-    if name == "classification":
+def _task(args: argparse.Namespace):
+    """The Task the flags ask for (contrastive: its loss and preset)."""
+    if args.task == "classification":
+        if args.loss is not None or args.preset is not None:
+            raise SystemExit("--loss and --preset: only for --task contrastive")
         from jest_stream.demo.classification import TASK
-    else:
-        from jest_stream.demo.contrastive import TASK
-    return TASK
+        return TASK
+    from jest_stream.demo.contrastive import preset_for, task
+
+    return task(args.loss or "sigmoid", args.preset or preset_for(args.super_batch))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "(learnability + joint) selection; print a table and write a PNG.")
     p.add_argument("--task", choices=TASKS, default="classification",
                    help="classification (flipped labels) or contrastive (mismatched pairs, two towers)")
-    p.add_argument("--noise", type=float, default=0.3,
-                   help="fraction of training labels flipped / pairs mismatched (default 0.3)")
+    p.add_argument("--loss", choices=("sigmoid", "softmax"),
+                   help="contrastive: the learner's and the reference's loss, SigLIP's sigmoid "
+                        "(default) or CLIP's softmax")
+    p.add_argument("--preset", choices=("small", "large"),
+                   help="contrastive: small (one pair per digit, B=160) or large (16 views per "
+                        "digit, B=1280, 300 steps, 40%% mismatched); default large when "
+                        "--super-batch >= 512, else small")
+    p.add_argument("--noise", type=float,
+                   help="fraction of training labels flipped / pairs mismatched (default 0.3; "
+                        "contrastive large 0.4)")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds per method (default 5)")
-    p.add_argument("--steps", type=int, help="learner steps (sub-batches) per run (default 600; contrastive 400)")
-    p.add_argument("--super-batch", type=int, help="super-batch size B (default 160)")
+    p.add_argument("--steps", type=int,
+                   help="learner steps (sub-batches) per run (default 600; contrastive 400, large 300)")
+    p.add_argument("--super-batch", type=int, help="super-batch size B (default 160; contrastive large 1280)")
     p.add_argument("--filter-ratio", type=float, default=0.8,
                    help="fraction f of each super-batch dropped; b = (1 - f) B (default 0.8)")
     p.add_argument("--lr", type=float, help="learner learning rate, Adam (default 0.002)")
@@ -67,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token for --remote TARGET [env JEST_TOKEN_FILE]")
     p.add_argument("--out", default="jest-stream-demo",
                    help="folder for shards, the reference model and the PNG (default ./jest-stream-demo)")
-    p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch, ONNX Runtime and numpy BLAS threads (default 1)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--curves", action="store_true", help="with --json, include the per-step curves")
     return p
@@ -103,6 +117,44 @@ def local_server(model_path: str, log_path: str, threads: int = 1,
         yield scorer.target
 
 
+def _open_scorer(stack: contextlib.ExitStack, args: argparse.Namespace, model_path: str, out: str) -> Any:
+    """The scorer the flags ask for (embedded, a local gRPC server, or a running one),
+    closed (and the local server stopped) when ``stack`` closes."""
+    if args.remote:
+        from jest_stream.client.remote import RemoteScorer
+
+        token = None
+        if args.token_file:
+            with open(args.token_file) as fh:
+                token = fh.read().strip()
+        if args.remote == "local":
+            target = stack.enter_context(local_server(model_path, os.path.join(out, "server.log"),
+                                                      args.threads))
+        else:
+            target = args.remote
+        scorer: Any = RemoteScorer(target, token=token)
+    else:
+        from jest_stream.client.local import LocalScorer
+
+        scorer = LocalScorer(model_path, name=MODEL_NAME, intra_op_threads=max(1, args.threads))
+    stack.callback(scorer.close)
+    return scorer
+
+
+def _checked(args: argparse.Namespace, task: Any) -> tuple[list[str], float]:
+    """The methods to run and the noise level, checked."""
+    methods = ["uniform"] + [m for m in args.methods.split(",") if m and m != "uniform"]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; expected a subset of {','.join(METHODS)}")
+    noise = task.defaults.get("noise", 0.3) if args.noise is None else args.noise
+    if not 0.0 <= noise < 1.0:
+        raise SystemExit(f"--noise: expected a fraction in [0, 1), got {noise}")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds: expected at least 1, got {args.seeds}")
+    return methods, noise
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the demo described by parsed ``args``; return the summary (see demo_report)."""
     import numpy as np
@@ -111,29 +163,23 @@ def run(args: argparse.Namespace) -> dict:
     from jest_stream.demo.data import read_shards, write_shards
     from jest_stream.demo.report import MethodRuns, plot, summarize
     from jest_stream.demo.training import SuperBatches, test_tensors, train_run
-    from jest_stream.client.local import LocalScorer
 
     torch.set_num_threads(max(1, args.threads))
-    task = _task(args.task)
+    task = _task(args)
     config = _config(args, task.defaults)
-    methods = ["uniform"] + [m for m in args.methods.split(",") if m and m != "uniform"]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise SystemExit(f"--methods: unknown {bad}; expected a subset of {','.join(METHODS)}")
-    if not 0.0 <= args.noise < 1.0:
-        raise SystemExit(f"--noise: expected a fraction in [0, 1), got {args.noise}")
-    if args.seeds < 1:
-        raise SystemExit(f"--seeds: expected at least 1, got {args.seeds}")
+    methods, noise = _checked(args, task)
     seeds = list(range(args.seeds))
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
 
-    started = time.perf_counter()
-    data = task.make_data(args.noise, 0)
-    shard_dir = os.path.join(out, f"shards-{task.name}")
+    started, cpu_started = time.perf_counter(), time.process_time()
+    data = task.make_data(noise, 0)
+    name = task.name + task.file_suffix
+    shard_dir = os.path.join(out, f"shards-{name}")
     for old in glob.glob(os.path.join(shard_dir, "train-*.tar")):  # a previous run's shards
         os.remove(old)
-    shards = write_shards(data.train, shard_dir, prefix="train", fields=task.fields)
+    per_shard = 128 if len(data.train) <= 4096 else 1024  # large pools: fewer, bigger shards
+    shards = write_shards(data.train, shard_dir, prefix="train", fields=task.fields, per_shard=per_shard)
     keys, columns = read_shards(shards)
     train = SuperBatches(keys, columns)
     corrupted = dict(zip(data.train.keys, (bool(c) for c in data.train.corrupted)))
@@ -141,56 +187,41 @@ def run(args: argparse.Namespace) -> dict:
 
     reference = task.train_reference(data.reference, 0)
     reference_metric = task.evaluate(reference, test)
-    model_path = task.export(reference, os.path.join(out, f"reference-{task.name}.onnx"))
+    model_path = task.export(reference, os.path.join(out, f"reference-{name}.onnx"))
     log.info("%d shards in %s; reference %s on the clean test split: %.4f; exported to %s",
              len(shards), shard_dir, task.metric, reference_metric, model_path)
+    prepared = time.perf_counter() - started
 
     runs: dict[str, MethodRuns] = {}
     with contextlib.ExitStack() as stack:
-        if args.remote:
-            from jest_stream.client.remote import RemoteScorer
-
-            token = None
-            if args.token_file:
-                with open(args.token_file) as fh:
-                    token = fh.read().strip()
-            if args.remote == "local":
-                target = stack.enter_context(local_server(model_path, os.path.join(out, "server.log"),
-                                                          args.threads))
-            else:
-                target = args.remote
-            scorer: Any = RemoteScorer(target, token=token)
-        else:
-            scorer = LocalScorer(model_path, name=MODEL_NAME, intra_op_threads=max(1, args.threads))
-        stack.callback(scorer.close)
+        scorer = _open_scorer(stack, args, model_path, out)
         for method in methods:
             for seed in seeds:
                 result = train_run(task, train, corrupted, test, scorer, method=method, seed=seed,
                                    config=config, model_name=MODEL_NAME)
-                runs.setdefault(method, MethodRuns(method, np.asarray(result.steps)))
-                r = runs[method]
-                r.curves.append(result.values)
-                r.corrupted_selected.append(result.corrupted_selected)
-                r.seconds.append(result.seconds)
-                r.fallbacks.append(result.fallbacks)
+                runs.setdefault(method, MethodRuns(method, np.asarray(result.steps))).add(result)
                 log.info("%s seed %d: final %s %.4f, corrupted chosen %.1f%%, %.1f s", method, seed,
                          task.metric, result.values[-1], 100 * result.corrupted_selected, result.seconds)
 
-    n_train = len(keys)
     cfg = {
-        "description": task.description.format(noise=args.noise),
-        "noise": args.noise, "super_batch": config.super_batch, "sub_batch": config.sub_batch,
+        "description": task.description.format(noise=noise), "variant": name,
+        "noise": noise, "super_batch": config.super_batch, "sub_batch": config.sub_batch,
         "filter_ratio": round(config.filter_ratio, 4), "steps": config.steps, "lr": config.lr,
         "score_gain": config.score_gain, "n_chunks": config.n_chunks, "eval_every": config.eval_every,
         "seeds": seeds, "scorer": ("embedded" if not args.remote else "remote (local gRPC server)"
                    if args.remote == "local" else f"remote ({args.remote})"),
-        "n_train": n_train, "n_reference": len(data.reference), "n_test": len(data.test),
-        "reference_metric": reference_metric, "shards": len(shards),
+        "n_train": len(keys), "n_reference": len(data.reference), "n_test": len(data.test),
+        "reference_metric": reference_metric, "shards": len(shards), "threads": args.threads,
     }
     summary = summarize(runs, task=task.name, metric=task.metric, config=cfg,
-                        reference_training_F=3.0 * task.reference_train_examples, cache_fill_F=1.0 * n_train)
-    summary["plot"] = plot(runs, summary, os.path.join(out, f"demo-{task.name}.png"))
+                        reference_training_F=3.0 * task.reference_train_examples,
+                        cache_fill_F=1.0 * len(keys))
+    png = f"demo-{name}.png" if not task.file_suffix else \
+        f"demo-{name}-B{config.super_batch}-f{config.filter_ratio:.2g}.png"
+    summary["plot"] = plot(runs, summary, os.path.join(out, png))
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["seconds_preparing"] = round(prepared, 1)
+    summary["cpu_seconds"] = round(time.process_time() - cpu_started, 1)  # the machine may be shared
     return summary
 
 
@@ -201,7 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.json:  # keep stdout clean for the JSON
         logging.getLogger().setLevel(logging.WARNING)
-    summary = run(args)
+    from threadpoolctl import threadpool_limits
+
+    # numpy's BLAS threads too: on a few cores, threads spinning after each small matmul of
+    # the selection cost more than they save (measured: 14x the CPU time at B=1280).
+    with threadpool_limits(limits=max(1, args.threads)):
+        summary = run(args)
     if args.json:
         print(to_json(summary, curves=args.curves))
     else:

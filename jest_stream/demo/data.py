@@ -91,19 +91,31 @@ def second_view(pixels: np.ndarray, rng: np.random.Generator, drop: float = 0.1,
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def mismatch_pairs(n: int, noise: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def mismatch_pairs(n: int, noise: float, rng: np.random.Generator,
+                   groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A permutation that pairs round(noise * n) rows with another row's text, and their mask.
 
     The chosen rows are cycled among themselves (a derangement), so every chosen pair
-    really is mismatched.
+    really is mismatched. With ``groups`` (one id per row: the source digit of several
+    views), a chosen row never gets the text of a row of its own group: the chosen rows
+    are ordered by a random ranking of their groups and rolled by the largest group's
+    count, which always lands outside the row's own group.
     """
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"noise: expected a fraction in [0, 1), got {noise}")
     partner = np.arange(n)
     chosen = rng.choice(n, size=int(round(noise * n)), replace=False)
     mismatched = np.zeros(n, dtype=bool)
+    shift = 1
+    if groups is not None and chosen.size:
+        rank = rng.permutation(int(groups.max()) + 1)[groups[chosen]]
+        chosen = chosen[np.argsort(rank, kind="stable")]
+        shift = int(np.unique(groups[chosen], return_counts=True)[1].max())
+        if shift >= chosen.size:
+            raise ValueError(f"noise: {chosen.size} mismatched rows cannot avoid their own group "
+                             f"({shift} rows share one); raise noise or use fewer views")
     if chosen.size >= 2:
-        partner[chosen] = np.roll(chosen, 1)
+        partner[chosen] = np.roll(chosen, shift)
         mismatched[chosen] = True
     return partner, mismatched
 
@@ -128,21 +140,56 @@ def make_classification(noise: float = 0.3, seed: int = 0, n_test: int = 360,
 
 
 def make_contrastive(noise: float = 0.3, seed: int = 0, n_test: int = 360,
-                     n_reference: int = 300) -> DemoData:
-    """Digit pairs (image, second view); ``noise`` of the training pairs mismatched."""
+                     n_reference: int = 300, views: int = 1) -> DemoData:
+    """Digit pairs (image, second view); ``noise`` of the training pairs mismatched.
+
+    ``views`` > 1 makes that many pairs of each training and reference digit, each pair
+    with its own random image and text views (a larger training pool for large
+    super-batches, drawn in one vectorised pass); mismatched pairs never get a view of
+    their own digit. The test split stays one clean pair per digit.
+    """
+    if isinstance(views, bool) or int(views) != views or views < 1:
+        raise ValueError(f"views: expected an integer >= 1, got {views!r}")
     pixels, labels = load_digits_scaled()
     train, ref, test = split_indices(labels, n_test, n_reference, seed)
     rng = np.random.default_rng(seed)
-    images = second_view(pixels, rng, drop=0.05, noise=0.03)
-    views = second_view(pixels, rng, drop=0.1, noise=0.05)
-    partner, mismatched = mismatch_pairs(train.shape[0], noise, rng)
+    if views == 1:
+        return _one_view_pairs(pixels, labels, (train, ref, test), noise, rng)
+    test_images = second_view(pixels[test], rng, drop=0.05, noise=0.03)
+    test_texts = second_view(pixels[test], rng, drop=0.1, noise=0.05)
 
-    def clean(idx: np.ndarray) -> Split:
-        return Split({"image": images[idx], "text": views[idx], "label": labels[idx]}, _keys("pair", idx))
+    def repeated(idx: np.ndarray, prefix: str, noisy: float) -> Split:
+        rows = np.repeat(idx, views)  # row r is view r % views of digit idx[r // views]
+        images = second_view(pixels[rows], rng, drop=0.05, noise=0.03)
+        texts = second_view(pixels[rows], rng, drop=0.1, noise=0.05)
+        group = np.repeat(np.arange(idx.shape[0]), views)
+        partner, mismatched = mismatch_pairs(rows.shape[0], noisy, rng, groups=group)
+        view = np.tile(np.arange(views), idx.shape[0])
+        keys = [f"{prefix}{int(i):05d}v{int(v):02d}" for i, v in zip(rows, view)]
+        return Split({"image": images, "text": texts[partner], "label": labels[rows]}, keys, mismatched)
 
     return DemoData(
         "contrastive",
-        Split({"image": images[train], "text": views[train[partner]], "label": labels[train]},
+        repeated(train, "pair", noise),
+        repeated(ref, "ref", 0.0),
+        Split({"image": test_images, "text": test_texts, "label": labels[test]}, _keys("pair", test)),
+    )
+
+
+def _one_view_pairs(pixels: np.ndarray, labels: np.ndarray, splits: tuple[np.ndarray, ...],
+                    noise: float, rng: np.random.Generator) -> DemoData:
+    """One (image, text) pair per digit: the small configuration's data."""
+    train, ref, test = splits
+    images = second_view(pixels, rng, drop=0.05, noise=0.03)
+    texts = second_view(pixels, rng, drop=0.1, noise=0.05)
+    partner, mismatched = mismatch_pairs(train.shape[0], noise, rng)
+
+    def clean(idx: np.ndarray) -> Split:
+        return Split({"image": images[idx], "text": texts[idx], "label": labels[idx]}, _keys("pair", idx))
+
+    return DemoData(
+        "contrastive",
+        Split({"image": images[train], "text": texts[train[partner]], "label": labels[train]},
               _keys("pair", train), mismatched),
         clean(ref),
         clean(test),

@@ -48,17 +48,26 @@ class Tower(nn.Module):
         return F.normalize(self.net(x), dim=-1)
 
 
-class TwoTower(nn.Module):
-    """SigLIP-style two-tower model: image tower, "text" tower (a second view), and a
-    learnable logit scale (log-parametrised) and bias, initialised as in SigLIP."""
+CONTRASTIVE_LOSSES = ("sigmoid", "softmax")
 
-    def __init__(self, hidden: int = 128, dim: int = 32, init_scale: float = 10.0,
-                 init_bias: float = -10.0):
+
+class TwoTower(nn.Module):
+    """Two-tower model: image tower, "text" tower (a second view), and a learnable logit
+    scale (log-parametrised) and bias. ``loss="sigmoid"``: SigLIP's initialisation
+    (scale 10, bias -10); ``loss="softmax"``: CLIP's (scale 1/0.07, no bias, kept at 0)."""
+
+    def __init__(self, hidden: int = 128, dim: int = 32, init_scale: float | None = None,
+                 init_bias: float = -10.0, loss: str = "sigmoid"):
         super().__init__()
+        if loss not in CONTRASTIVE_LOSSES:
+            raise ValueError(f"loss: expected one of {CONTRASTIVE_LOSSES}, got {loss!r}")
+        self.loss_kind = loss
         self.image = Tower(hidden, dim)
         self.text = Tower(hidden, dim)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
-        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+        scale = init_scale if init_scale is not None else (10.0 if loss == "sigmoid" else 1 / 0.07)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+        self.bias = nn.Parameter(torch.tensor(float(init_bias) if loss == "sigmoid" else 0.0),
+                                 requires_grad=loss == "sigmoid")
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image(image), self.text(text)
@@ -78,6 +87,20 @@ def sigmoid_loss(zi: torch.Tensor, zt: torch.Tensor, log_scale: torch.Tensor,
     logits = log_scale.exp() * zi @ zt.T + bias
     y = 2.0 * torch.eye(zi.shape[0], device=zi.device) - 1.0
     return -F.logsigmoid(y * logits).sum() / zi.shape[0]
+
+
+def softmax_loss(zi: torch.Tensor, zt: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's loss of a batch: the mean of the image->text and text->image cross-entropies."""
+    logits = log_scale.exp() * zi @ zt.T
+    target = torch.arange(zi.shape[0], device=zi.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def two_tower_loss(model: TwoTower, zi: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
+    """The model's own training loss (sigmoid or softmax) on a batch of embeddings."""
+    if model.loss_kind == "sigmoid":
+        return sigmoid_loss(zi, zt, model.log_scale, model.bias)
+    return softmax_loss(zi, zt, model.log_scale)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -105,18 +128,18 @@ def train_classifier(x: np.ndarray, y: np.ndarray, *, steps: int = 300, lr: floa
 
 
 def train_two_tower(image: np.ndarray, text: np.ndarray, *, steps: int = 300, lr: float = 3e-3,
-                    batch: int = 64, seed: int = 0) -> TwoTower:
-    """Train a TwoTower on clean pairs with the sigmoid loss; returns it in eval mode."""
+                    batch: int = 64, seed: int = 0, loss: str = "sigmoid") -> TwoTower:
+    """Train a TwoTower on clean pairs with its ``loss``; returns it in eval mode."""
     gen = seed_everything(seed)
-    model = TwoTower()
+    model = TwoTower(loss=loss)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     it, tt = torch.from_numpy(image), torch.from_numpy(text)
     for _ in range(steps):
         idx = torch.randperm(it.shape[0], generator=gen)[:batch]
         zi, zt = model(it[idx], tt[idx])
-        loss = sigmoid_loss(zi, zt, model.log_scale, model.bias)
+        value = two_tower_loss(model, zi, zt)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
     return model.eval()
 

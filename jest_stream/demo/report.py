@@ -52,6 +52,14 @@ class MethodRuns:
     seconds: list[float] = field(default_factory=list)
     fallbacks: list[int] = field(default_factory=list)
 
+    def add(self, result) -> MethodRuns:
+        """Append one seed's RunResult (from training.train_run)."""
+        self.curves.append(result.values)
+        self.corrupted_selected.append(result.corrupted_selected)
+        self.seconds.append(result.seconds)
+        self.fallbacks.append(result.fallbacks)
+        return self
+
     @property
     def array(self) -> np.ndarray:
         return np.asarray(self.curves, dtype=np.float64)
@@ -128,6 +136,7 @@ def summarize(runs: dict[str, MethodRuns], *, task: str, metric: str, config: di
                 for kind, c in cost.items()
             },
             "corrupted_selected": float(np.mean(r.corrupted_selected)) if r.corrupted_selected else None,
+            "corrupted_selected_per_seed": [float(v) for v in r.corrupted_selected],
             "seconds_per_run": float(np.mean(r.seconds)) if r.seconds else None,
             "fallbacks": int(sum(r.fallbacks)),
         }

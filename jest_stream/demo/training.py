@@ -48,7 +48,8 @@ class Task:
     ``loss(model, batch)`` (the training loss of a sub-batch); ``evaluate(model, test)``
     (the test metric on a clean split's tensors). ``fields`` are the shard fields (the
     reference model's input names); ``reference_train_examples`` counts the examples the
-    reference trained on (its one-off cost, 3F each); ``defaults`` the TrainConfig values.
+    reference trained on (its one-off cost, 3F each); ``defaults`` the TrainConfig values
+    (and the default ``noise``); ``file_suffix`` names a variant's files apart.
     """
 
     name: str
@@ -64,6 +65,7 @@ class Task:
     evaluate: Callable[[torch.nn.Module, dict], float]
     reference_train_examples: int = 0
     defaults: dict = field(default_factory=dict)
+    file_suffix: str = ""  # tells apart the files (shards, model, PNG) of a task's variants
 
 
 class SuperBatches(Dataset):

@@ -155,3 +155,55 @@ def test_cost_per_example_is_design_section_3():
     assert cost["cached"] / 3 == pytest.approx(2.33, abs=0.01)  # "2.33x an IID step at f = 0.8"
     assert cost["uncached"] / 3 == pytest.approx(4.0)
     assert steps_to_reach(np.array([10, 20]), np.array([0.5, 0.6]), 0.7) is None
+
+
+def test_mismatched_views_never_get_a_view_of_their_own_digit():
+    groups = np.repeat(np.arange(60), 8)  # 8 views of each of 60 digits
+    partner, mismatched = mismatch_pairs(groups.size, 0.4, np.random.default_rng(2), groups=groups)
+    assert mismatched.sum() == round(0.4 * groups.size)
+    rows = np.flatnonzero(mismatched)
+    assert np.all(groups[partner[rows]] != groups[rows])
+    assert np.all(partner[~mismatched] == np.flatnonzero(~mismatched))
+    assert sorted(partner) == list(range(groups.size))
+    with pytest.raises(ValueError, match="noise"):  # too few rows to leave every group
+        mismatch_pairs(8, 0.5, np.random.default_rng(0), groups=np.zeros(8, dtype=int))
+
+
+def test_many_views_make_a_large_pool_with_clean_reference_and_test_splits():
+    pairs = make_contrastive(noise=0.4, seed=0, views=4)
+    assert len(pairs.train) == 4 * 1137 and len(pairs.reference) == 4 * 300 and len(pairs.test) == 360
+    assert len(set(pairs.train.keys)) == len(pairs.train)
+    assert abs(pairs.train.corrupted.mean() - 0.4) < 0.001
+    assert not pairs.reference.corrupted.any()
+    train = pairs.train.fields
+    # clean pairs: the text is a view of the image's own digit, so closer than a mismatched one
+    dist = np.abs(train["image"] - train["text"]).mean(axis=1)
+    assert dist[~pairs.train.corrupted].mean() < 0.5 * dist[pairs.train.corrupted].mean()
+    assert make_contrastive(noise=0.3, seed=0).train.keys == make_contrastive(noise=0.3, seed=0, views=1).train.keys
+
+
+def test_softmax_contrastive_demo_exports_a_softmax_reference(tmp_path, capsys):
+    import onnx
+
+    argv = SMALL + ["--task", "contrastive", "--loss", "softmax", "--methods", "joint", "--json",
+                    "--out", str(tmp_path)]
+    assert demo.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"]["variant"] == "contrastive-softmax-small"
+    assert result["methods"]["joint"]["fallbacks"] == 0
+    assert len(result["methods"]["joint"]["corrupted_selected_per_seed"]) == 1
+    model = tmp_path / "reference-contrastive-softmax-small.onnx"
+    meta = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+    assert "softmax_contrastive" in meta.values()
+    _check_png(result["plot"])
+
+
+def test_large_super_batches_pick_the_large_preset():
+    from jest_stream.demo.contrastive import preset_for, task
+
+    assert preset_for(None) == preset_for(160) == "small" and preset_for(1280) == "large"
+    big = task("sigmoid", "large")
+    assert big.defaults["super_batch"] >= 1024 and big.file_suffix == "-sigmoid-large"
+    assert task().file_suffix == "" and task().defaults["super_batch"] == 160
+    with pytest.raises(SystemExit, match="--loss"):
+        demo.main(["--task", "classification", "--loss", "softmax"])
