@@ -13,13 +13,14 @@ from jest_stream.client.learner import (per_example_cross_entropy, sigmoid_contr
                                         softmax_contrastive_embeddings)
 from jest_stream.client.loader import JESTLoader
 from jest_stream.client.local import LocalScorer
+from jest_stream.client.reference_watch import ReferenceWatch
 from jest_stream.client.remote import RemoteScorer
 from jest_stream.client.scorer import Scorer, ScorerError, ScorerRejected, ScorerUnavailable
 from jest_stream.client.stats import LoaderStats
 from jest_stream.contract import ModelSpec
 
 __all__ = [
-    "JESTLoader", "LoaderStats", "LocalScorer", "ModelSpec", "RemoteScorer", "Scorer", "ScorerError",
+    "JESTLoader", "LoaderStats", "LocalScorer", "ModelSpec", "ReferenceWatch", "RemoteScorer", "Scorer", "ScorerError",
     "ScorerRejected", "ScorerUnavailable", "export_reference", "per_example_cross_entropy",
     "sigmoid_contrastive_embeddings", "softmax_contrastive_embeddings",
 ]

@@ -27,6 +27,7 @@ import torch
 from jest_stream.client.batches import batch_size, fields_by_name, keys_of, take, to_numpy
 from jest_stream.client.learner import as_learner_scores
 from jest_stream.client.scorer import Scorer, ScorerRejected, ScorerUnavailable, SelectCall, resolve_model
+from jest_stream.client.reference_watch import ReferenceWatch, ReferenceWatcher
 from jest_stream.client.stats import LoaderStats
 from jest_stream.contract import ModelSpec
 from jest_stream.options import DEFAULT_N_CHUNKS, SelectOptions, check_name
@@ -108,6 +109,7 @@ class JESTLoader:
     generator); ``score_fn(batch)`` returns the learner's Losses/Embeddings for one
     (see jest_stream.client.learner); ``scorer`` is a LocalScorer or RemoteScorer.
     Each yielded sub-batch holds ``n_select`` examples, or (1 - filter_ratio) * B.
+    ``reference_watch``: when to warn of a weak reference (see ReferenceWatch; None: never).
 
     ``key``: a field holding one key per example (``"__key__"``, WebDataset's, by
     default) or a function batch -> keys; without keys the scorer's reference cache
@@ -127,7 +129,7 @@ class JESTLoader:
                  key: str | Callable[[Any], Any] | None = "__key__",
                  reference_inputs: Callable[[Any], Mapping[str, Any]] | None = None,
                  prefetch: bool = True, fallback: str = "uniform", retry_after: float = 2.0,
-                 job: str | None = None, log_every: int = 0):
+                 job: str | None = None, log_every: int = 0, reference_watch: ReferenceWatch | None = ReferenceWatch()):
         self.options = SelectOptions(score=score, sampler=sampler, n_chunks=n_chunks, score_gain=score_gain)
         check_name(fallback, FALLBACKS, "fallback")
         if not 0.0 <= filter_ratio < 1.0:
@@ -160,6 +162,7 @@ class JESTLoader:
         self._job = job
         self.log_every = int(log_every)
         self.stats = LoaderStats()
+        self._watcher = ReferenceWatcher(reference_watch)
         self._spec: ModelSpec | None = None
         self._rank: tuple[int, int] | None = None
         self._job_id: str | None = None
@@ -348,6 +351,7 @@ class JESTLoader:
                                  f"{indices.max(initial=0)}] for n_select={n_select} of B={item.size}")
         self.stats.record_score(outcome.mean_score, outcome.mean_score_all, outcome.cache_hits,
                                 outcome.cache_misses)
+        self._watcher.observe(outcome, self.stats, self.job_id, self._step)
         return indices
 
     def _fall_back(self, reason: str, detail: str) -> None:

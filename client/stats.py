@@ -1,7 +1,9 @@
 """LoaderStats: what the JESTLoader did, counted as it goes.
 
 Sub-batches, examples seen and selected, mean score (learnability) of the selected
-examples and of whole super-batches, reference-cache hits, fallbacks by reason, and
+examples and of whole super-batches, the learner's and the reference's mean loss on
+the super-batches (and the share of examples where the reference's is the higher),
+reference-cache hits, fallbacks by reason, and
 where the loader's time went: fetching super-batches, the learner's own scoring
 (``score_fn``), waiting on the scorer, and the rest (``total_seconds`` covers all
 of it, the training step excluded), so that the loader's own overhead is
@@ -9,6 +11,7 @@ of it, the training step excluded), so that the loader's own overhead is
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -28,6 +31,13 @@ class LoaderStats:
     score_all_sum: float = 0.0
     cache_hits: int = 0
     cache_misses: int = 0
+    loss_steps: int = 0
+    learner_loss_sum: float = 0.0
+    reference_loss_sum: float = 0.0
+    reference_above_sum: float = 0.0
+    last_learner_loss: float = math.nan
+    last_reference_loss: float = math.nan
+    last_reference_above: float = math.nan
     fallbacks: int = 0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     fetch_seconds: float = 0.0
@@ -48,6 +58,18 @@ class LoaderStats:
         self.cache_hits += hits
         self.cache_misses += misses
 
+    def record_losses(self, learner_loss: float, reference_loss: float, reference_above: float) -> None:
+        """One super-batch's loss diagnostics (from the scorer; NaN where not computed);
+        the running means count the steps where both models were scored."""
+        self.last_learner_loss = learner_loss
+        self.last_reference_loss = reference_loss
+        self.last_reference_above = reference_above
+        if math.isfinite(learner_loss) and math.isfinite(reference_loss) and math.isfinite(reference_above):
+            self.loss_steps += 1
+            self.learner_loss_sum += learner_loss
+            self.reference_loss_sum += reference_loss
+            self.reference_above_sum += reference_above
+
     def record_latency(self, seconds: float) -> None:
         self.scorer_seconds += seconds
         self._latencies.append(seconds)
@@ -61,11 +83,30 @@ class LoaderStats:
         """Mean score (learnability by default) of the selected examples, scored steps only."""
         return self.score_sum / self.scored if self.scored else float("nan")
 
-
     @property
     def mean_score_all(self) -> float:
         """Mean score of whole super-batches: what uniform selection would have got."""
         return self.score_all_sum / self.scored if self.scored else float("nan")
+
+    @property
+    def score_gain_over_all(self) -> float:
+        """Selected-vs-all: how much selection raised the mean score above the super-batch's."""
+        return self.mean_score - self.mean_score_all
+
+    @property
+    def mean_learner_loss(self) -> float:
+        """The learner's mean per-example loss on the super-batches (steps with both models scored)."""
+        return self.learner_loss_sum / self.loss_steps if self.loss_steps else float("nan")
+
+    @property
+    def mean_reference_loss(self) -> float:
+        """The reference's mean per-example loss on the same super-batches."""
+        return self.reference_loss_sum / self.loss_steps if self.loss_steps else float("nan")
+
+    @property
+    def mean_reference_above(self) -> float:
+        """The mean share of examples whose reference loss exceeded the learner's."""
+        return self.reference_above_sum / self.loss_steps if self.loss_steps else float("nan")
 
     def latency_ms(self, quantile: float) -> float:
         """A quantile of the recent scorer latencies (the last 1024 calls), in ms."""
@@ -82,6 +123,9 @@ class LoaderStats:
         """Counters and derived figures, JSON-ready."""
         out = self.state_dict()
         out.update(mean_score=self.mean_score, mean_score_all=self.mean_score_all,
+                   score_gain_over_all=self.score_gain_over_all,
+                   mean_learner_loss=self.mean_learner_loss, mean_reference_loss=self.mean_reference_loss,
+                   mean_reference_above=self.mean_reference_above,
                    scorer_latency_p50_ms=self.latency_ms(0.5),
                    scorer_latency_p95_ms=self.latency_ms(0.95),
                    overhead_seconds=self.overhead_seconds)
@@ -103,6 +147,8 @@ class LoaderStats:
         """One log line."""
         return (f"sub-batches {self.sub_batches}, selected {self.examples_selected}/{self.examples_seen}, "
                 f"mean score {self.mean_score:.4f} (all {self.mean_score_all:.4f}), "
+                f"loss learner {self.last_learner_loss:.4f} reference {self.last_reference_loss:.4f} "
+                f"(reference above on {100 * self.last_reference_above:.0f}%), "
                 f"cache hits {self.cache_hits}/{self.cache_hits + self.cache_misses}, "
                 f"scorer p50 {self.latency_ms(0.5):.2f} ms p95 {self.latency_ms(0.95):.2f} ms, "
                 f"fallbacks {self.fallbacks}")

@@ -5,6 +5,7 @@ so that local and remote selections are identical for the same seed.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,8 @@ SeedLike = int | np.random.Generator | None
 class Selection:
     """A selection: the chosen indices (in selection order), the mean per-example score
     of the selected examples and of the whole super-batch (how much selection raised it),
-    and, when a scorer made it, its reference-cache figures and model version."""
+    and, when a scorer made it, its reference-cache figures, model version and the
+    super-batch's loss diagnostics (jest_stream.diagnostics; NaN where not computed)."""
 
     indices: np.ndarray
     mean_score: float
@@ -30,6 +32,9 @@ class Selection:
     cache_hits: int = 0
     cache_misses: int = 0
     model_version: str = ""
+    mean_learner_loss: float = math.nan
+    mean_reference_loss: float = math.nan
+    reference_above_learner: float = math.nan
 
 
 def make_rng(seed: SeedLike) -> np.random.Generator:

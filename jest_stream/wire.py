@@ -7,6 +7,8 @@ raw bytes through ``jest_stream.codec``.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from jest_stream import codec
@@ -67,16 +69,27 @@ def seed_from_proto(request: pb.SelectRequest) -> int | None:
     return int(request.seed) if request.HasField("seed") else None
 
 
+DIAGNOSTICS = ("mean_learner_loss", "mean_reference_loss", "reference_above_learner")
+
+
 def selection_to_proto(selection: Selection) -> pb.SelectResponse:
-    return pb.SelectResponse(indices=selection.indices.tolist(), mean_score=selection.mean_score,
-                             mean_score_all=selection.mean_score_all, cache_hits=selection.cache_hits,
-                             cache_misses=selection.cache_misses, model_version=selection.model_version)
+    """A Selection as a SelectResponse; NaN diagnostics are left unset."""
+    reply = pb.SelectResponse(indices=selection.indices.tolist(), mean_score=selection.mean_score,
+                              mean_score_all=selection.mean_score_all, cache_hits=selection.cache_hits,
+                              cache_misses=selection.cache_misses, model_version=selection.model_version)
+    for name in DIAGNOSTICS:
+        value = getattr(selection, name)
+        if math.isfinite(value):
+            setattr(reply, name, value)
+    return reply
 
 
 def selection_from_proto(reply: pb.SelectResponse) -> Selection:
+    """A SelectResponse as a Selection; unset diagnostics are NaN."""
     indices = np.fromiter(reply.indices, dtype=np.int64, count=len(reply.indices))
+    diagnostics = {name: getattr(reply, name) if reply.HasField(name) else math.nan for name in DIAGNOSTICS}
     return Selection(indices, reply.mean_score, reply.mean_score_all, reply.cache_hits,
-                     reply.cache_misses, reply.model_version)
+                     reply.cache_misses, reply.model_version, **diagnostics)
 
 
 # -- model specs --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from jest_stream.contract import ModelSpec
 from jest_stream.options import SelectOptions
 from jest_stream.outputs import Embeddings, Losses
 from jest_stream.samplers import check_sizes
+from jest_stream.diagnostics import loss_summary
 from jest_stream.selection import Selection, expected_outputs, make_rng, select
 
 from .cache import ReferenceCache
@@ -312,7 +313,9 @@ class ScoringEngine:
         if not np.isfinite(selection.mean_score_all) or not _distinct(indices, plan.learner.batch_size):
             raise ValueError("learner: the scores are not finite once combined with the reference (overflow); "
                              "scale down the learner's losses, embeddings, logit_scale/logit_bias or score_gain")
-        return dataclasses.replace(selection, cache_hits=hits, cache_misses=misses, model_version=m.version)
+        losses = loss_summary(m.contract.kind, plan.learner if plan.options.needs_learner else None, reference)
+        return dataclasses.replace(selection, cache_hits=hits, cache_misses=misses, model_version=m.version,
+                                   **losses.as_fields())
 
     def select(self, model: str, *, learner: Losses | Embeddings, n_select: int,
                keys: Sequence[str] | None = None, inputs: Mapping[str, np.ndarray] | None = None,

@@ -84,20 +84,26 @@ class SelectRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., job_id: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., learner: _Optional[_Union[LearnerScores, _Mapping]] = ..., n_select: _Optional[int] = ..., score: _Optional[str] = ..., sampler: _Optional[str] = ..., n_chunks: _Optional[int] = ..., score_gain: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SelectResponse(_message.Message):
-    __slots__ = ("indices", "mean_score", "mean_score_all", "cache_hits", "cache_misses", "model_version")
+    __slots__ = ("indices", "mean_score", "mean_score_all", "cache_hits", "cache_misses", "model_version", "mean_learner_loss", "mean_reference_loss", "reference_above_learner")
     INDICES_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_ALL_FIELD_NUMBER: _ClassVar[int]
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LEARNER_LOSS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_REFERENCE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ABOVE_LEARNER_FIELD_NUMBER: _ClassVar[int]
     indices: _containers.RepeatedScalarFieldContainer[int]
     mean_score: float
     mean_score_all: float
     cache_hits: int
     cache_misses: int
     model_version: str
-    def __init__(self, indices: _Optional[_Iterable[int]] = ..., mean_score: _Optional[float] = ..., mean_score_all: _Optional[float] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    mean_learner_loss: float
+    mean_reference_loss: float
+    reference_above_learner: float
+    def __init__(self, indices: _Optional[_Iterable[int]] = ..., mean_score: _Optional[float] = ..., mean_score_all: _Optional[float] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., model_version: _Optional[str] = ..., mean_learner_loss: _Optional[float] = ..., mean_reference_loss: _Optional[float] = ..., reference_above_learner: _Optional[float] = ...) -> None: ...
 
 class ReferenceRequest(_message.Message):
     __slots__ = ("model", "job_id", "keys", "inputs", "return_outputs")

@@ -12,6 +12,7 @@ import pytest
 from jest_stream import codec
 from jest_stream.cachefile import CacheFileWriter
 from jest_stream.contract import model_version
+from jest_stream.diagnostics import loss_summary
 from jest_stream.v1 import scorer_pb2 as pb
 from support import (KINDS, SAMPLERS, OrtReference, aio_stub, expect_code, inputs_for, learner_for,
                          select_request)
@@ -72,6 +73,9 @@ async def test_select_matches_core(server, refs, model_paths, digits, kind, samp
     assert reply.mean_score_all == pytest.approx(want.mean_score_all, rel=1e-6, abs=1e-9)
     assert (reply.cache_hits, reply.cache_misses) == (0, 256)
     assert reply.model_version == model_version(model_paths[name])
+    losses = loss_summary(kind, learner, refs[name].scores(inputs))  # a weak reference is reported
+    for field, value in losses.as_fields().items():
+        assert reply.HasField(field) and getattr(reply, field) == pytest.approx(value, rel=1e-5), field
 
 
 @pytest.mark.parametrize("score", ["learnability", "hard_learner", "easy_reference"])
