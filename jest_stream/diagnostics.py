@@ -10,7 +10,8 @@ examples on which the reference's loss is the higher.
 Per-example losses: those losses, over all B. Contrastive kinds: each example's
 in-batch loss as the loss defines it (sigmoid: its positive pair plus its row and
 column of negatives; softmax: the mean of its image->text and text->image
-cross-entropies over the whole super-batch), estimated on at most ``rows`` evenly
+cross-entropies over the whole super-batch), the score the core's ``topk`` ranks
+by for one model alone, estimated on at most ``rows`` evenly
 spaced examples (super-batches arrive shuffled), so the cost is bounded by
 O(rows * B * d) per model whatever B is; exact when B <= rows.
 """
@@ -23,6 +24,7 @@ import numpy as np
 
 from jest_stream.conditional import softplus_colsum
 from jest_stream.outputs import Embeddings, Losses
+from jest_stream.xp import to_host
 
 DIAGNOSTIC_ROWS = 128
 
@@ -53,8 +55,8 @@ def _logsumexp_cols(x: np.ndarray) -> np.ndarray:
 
 def in_batch_losses(emb: Embeddings, rows: np.ndarray, kind: str) -> np.ndarray:
     """The in-batch loss of each example in ``rows`` against the whole super-batch (float64)."""
-    zi = np.asarray(emb.image, dtype=np.float32) * np.float32(emb.logit_scale)
-    zt = np.asarray(emb.text, dtype=np.float32)
+    zi = to_host(emb.image).astype(np.float32) * np.float32(emb.logit_scale)
+    zt = to_host(emb.text).astype(np.float32)
     # Laid out (B, m) so that each sampled example's sums are column sums.
     own = zt @ zi[rows].T    # [j, k] = x[k, j]: image k against every text j
     other = zi @ zt[rows].T  # [j, k] = x[j, k]: every image j against text k
@@ -79,7 +81,7 @@ def _losses(kind: str, outputs: Losses | Embeddings | None, rows: np.ndarray | N
     if outputs is None:
         return None
     if kind == "per_example":
-        return np.asarray(outputs.values, dtype=np.float64).reshape(-1)
+        return to_host(outputs.values).astype(np.float64).reshape(-1)
     return in_batch_losses(outputs, rows, kind)
 
 

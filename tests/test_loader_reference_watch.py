@@ -17,6 +17,7 @@ from jest_stream.client.reference_watch import ReferenceWatch
 from jest_stream.demo import classification, contrastive
 from jest_stream.demo.models import TwoTower, train_classifier, train_two_tower
 from jest_stream.demo.training import SuperBatches, super_batch_loader
+from jest_stream.conditional import conditional_scores
 from jest_stream.diagnostics import loss_summary, sample_rows
 from jest_stream.outputs import Embeddings, Losses
 from jest_stream.selection import Selection
@@ -62,6 +63,15 @@ def test_contrastive_loss_summary_is_the_plain_in_batch_loss(kind, batch):
     assert got.reference_above_learner == pytest.approx(np.mean(theirs > ours))
     only = loss_summary(kind, learner, None)
     assert only.mean_learner_loss == got.mean_learner_loss and math.isnan(only.reference_above_learner)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid_contrastive", "softmax_contrastive"])
+def test_contrastive_losses_are_what_topk_ranks_one_model_by(kind):
+    """The core's per-example score of one model alone (score rule hard_learner)."""
+    emb = _embeddings(np.random.default_rng(7), 100, 10.0, -4.0 if kind == "sigmoid_contrastive" else 0.0)
+    want = conditional_scores(kind, emb.validated("learner"), None, "hard_learner").per_example()
+    got = loss_summary(kind, emb, None).mean_learner_loss
+    assert got == pytest.approx(float(np.mean(want)), rel=1e-5)
 
 
 def test_per_example_summary_and_the_wire_keep_the_figures():

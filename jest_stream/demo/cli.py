@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter-ratio", type=float, default=0.8,
                    help="fraction f of each super-batch dropped; b = (1 - f) B (default 0.8)")
     p.add_argument("--lr", type=float, help="learner learning rate, Adam (default 0.002)")
-    p.add_argument("--score-gain", type=float, help="multiplier on scores before joint sampling (default 2; contrastive 1)")
+    p.add_argument("--score-gain", type=float, help="multiplier on scores before joint sampling (default 2; contrastive: the "
+                        "loss kind's default, jest_stream.options.DEFAULT_GAINS)")
     p.add_argument("--n-chunks", type=int, help="chunks of the joint sampler (default 16)")
     p.add_argument("--eval-every", type=int, help="evaluate the test metric every N steps (default 10)")
     p.add_argument("--methods", default=",".join(METHODS),
@@ -87,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config(args: argparse.Namespace, defaults: dict):
+def _config(args: argparse.Namespace, defaults: dict, kind: str):
     from jest_stream.demo.training import TrainConfig
+    from jest_stream.options import DEFAULT_GAINS
 
     big_b = args.super_batch or defaults["super_batch"]
     if not 0.0 <= args.filter_ratio < 1.0:
@@ -97,7 +99,8 @@ def _config(args: argparse.Namespace, defaults: dict):
     return TrainConfig(
         steps=args.steps or defaults["steps"], super_batch=big_b, sub_batch=small_b,
         lr=args.lr or defaults["lr"],
-        score_gain=defaults["score_gain"] if args.score_gain is None else args.score_gain,
+        score_gain=float(args.score_gain if args.score_gain is not None else defaults["score_gain"]
+                         if defaults["score_gain"] is not None else DEFAULT_GAINS[kind]),
         n_chunks=args.n_chunks or defaults["n_chunks"],
         eval_every=args.eval_every or defaults["eval_every"],
     )
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(max(1, args.threads))
     task = _task(args)
-    config = _config(args, task.defaults)
+    config = _config(args, task.defaults, task.kind)
     methods, noise = _checked(args, task)
     seeds = list(range(args.seeds))
     out = os.path.abspath(args.out)

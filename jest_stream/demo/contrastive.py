@@ -24,13 +24,14 @@ from jest_stream.demo.models import TwoTower, retrieval_accuracy, train_two_towe
 from jest_stream.demo.training import Task
 
 KINDS = {"sigmoid": "sigmoid_contrastive", "softmax": "softmax_contrastive"}
-# Each preset: how the data and the reference are made, and the TrainConfig defaults.
+# Each preset: how the data and the reference are made, and the TrainConfig defaults
+# (score_gain None: the loss kind's default gain, jest_stream.options.DEFAULT_GAINS).
 PRESETS: dict[str, dict] = {
     "small": dict(views=1, noise=0.3, reference_steps=150, reference_batch=64,
-                  train=dict(steps=400, super_batch=160, lr=2e-3, score_gain=1.0, n_chunks=16,
+                  train=dict(steps=400, super_batch=160, lr=2e-3, score_gain=None, n_chunks=16,
                              eval_every=10)),
     "large": dict(views=16, noise=0.4, reference_steps=300, reference_batch=256,
-                  train=dict(steps=300, super_batch=1280, lr=2e-3, score_gain=1.0, n_chunks=16,
+                  train=dict(steps=300, super_batch=1280, lr=2e-3, score_gain=None, n_chunks=16,
                              eval_every=10)),
 }
 # A super-batch of at least this many pairs picks the large preset when none is named.
@@ -90,6 +91,7 @@ def task(loss: str = "sigmoid", preset: str = "small") -> Task:
     suffix = "" if (loss, preset) == ("sigmoid", "small") else f"-{loss}-{preset}"
     return Task(
         name="contrastive",
+        kind=KINDS[loss],
         metric="retrieval_accuracy",
         description=("digit / second-view pairs" if not suffix else
                      f"digit / second-view pairs, {views} views per digit, {loss} loss")

@@ -65,6 +65,7 @@ class Task:
     evaluate: Callable[[torch.nn.Module, dict], float]
     reference_train_examples: int = 0
     defaults: dict = field(default_factory=dict)
+    kind: str = "per_example"  # the reference's loss kind
     file_suffix: str = ""  # tells apart the files (shards, model, PNG) of a task's variants
 
 
