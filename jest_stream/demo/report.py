@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -227,23 +228,26 @@ def to_json(summary: dict, curves: bool = False) -> str:
     return json.dumps(out, indent=2, sort_keys=False)
 
 
-def plot(runs: dict[str, MethodRuns], summary: dict, path: str | os.PathLike) -> str:
-    """Write a PNG of the metric against steps: the seed-mean curve and a ±1 sd band per
-    method, uniform's final value dashed, each method's first step at it marked."""
+def _figure(size: tuple[float, float]):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig = Figure(figsize=(7.5, 5.2), dpi=110)
-    ax = fig.add_subplot()
+    return Figure(figsize=size, dpi=110)
+
+
+def _draw(ax, summary: dict, width: int = 88) -> None:
+    """One summary's seed-mean curves with ±1 sd bands (from ``summary["curves"]``),
+    uniform's final value dashed, each method's first step at it marked, the reference
+    alone dotted."""
     target = summary["target"]
-    for name in [m for m in METHOD_ORDER if m in runs]:
-        r = runs[name]
-        mean, std = r.mean_curve, r.array.std(axis=0)
+    curves = summary["curves"]
+    for name in [m for m in METHOD_ORDER if m in curves]:
+        steps, mean, std = (np.asarray(curves[name][k]) for k in ("steps", "mean", "std"))
         color = COLORS.get(name)
-        ax.plot(r.steps, mean, color=color, lw=1.8, label=LABELS.get(name, name))
-        ax.fill_between(r.steps, mean - std, mean + std, color=color, alpha=0.18, lw=0)
+        ax.plot(steps, mean, color=color, lw=1.8, label=LABELS.get(name, name))
+        ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.18, lw=0)
         reach = summary["methods"][name]["steps_to_uniform_final"]
         if reach is not None and name != "uniform":
             ax.plot([reach], [target], marker="o", color=color, ms=5)
@@ -255,15 +259,65 @@ def plot(runs: dict[str, MethodRuns], summary: dict, path: str | os.PathLike) ->
                    label=f"reference model alone ({ref:.3f}; {cfg.get('n_reference', '?')} clean examples)")
     ax.set_xlabel("learner steps (sub-batches of b = %d)" % cfg["sub_batch"])
     ax.set_ylabel(summary["metric"].replace("_", " "))
-    ax.set_title(f"{summary['task']}: {cfg.get('description', '')}, "
-                 f"{len(cfg['seeds'])} seed(s), mean ± sd", fontsize=10)
-    lo = min(float(np.min(r.mean_curve[len(r.mean_curve) // 5:])) for r in runs.values())
-    hi = max([float(np.max(r.mean_curve)) for r in runs.values()] + ([ref] if ref is not None else []))
+    title = (f"{summary['task']}: {cfg.get('description', '')}, B={cfg['super_batch']}, "
+             f"b={cfg['sub_batch']}, {len(cfg['seeds'])} seed(s), mean ± sd")
+    ax.set_title("\n".join(textwrap.wrap(title, width)), fontsize=9)
+    means = [np.asarray(c["mean"]) for c in curves.values()]
+    lo = min(float(np.min(m[len(m) // 5:])) for m in means)
+    hi = max([float(np.max(m)) for m in means] + ([ref] if ref is not None else []))
     ax.set_ylim(max(0.0, lo - 0.05), min(1.0, hi + 0.02))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+
+
+def _save(fig, path: str | os.PathLike) -> str:
     fig.tight_layout()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def plot(runs: dict[str, MethodRuns], summary: dict, path: str | os.PathLike) -> str:
+    """Write a PNG of the metric against steps for one summary (see ``_draw``); ``runs``
+    are the summary's own (its curves were made from them)."""
+    fig = _figure((7.5, 5.2))
+    ax = fig.add_subplot()
+    _draw(ax, summary)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
+def plot_grid(summaries: list[dict], path: str | os.PathLike, columns: int = 2) -> str:
+    """Write one PNG with a panel per summary (each a ``--json --curves`` result)."""
+    rows = -(-len(summaries) // columns)
+    fig = _figure((6.0 * columns, 4.3 * rows + 0.6))
+    axes = [fig.add_subplot(rows, columns, i + 1) for i in range(len(summaries))]
+    for ax, summary in zip(axes, summaries):
+        _draw(ax, summary, width=80)
+        ax.legend(loc="lower right", fontsize=7)
+    return _save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jest_stream.demo.report OUT.png A.json B.json ...``: one figure, a
+    panel per saved ``jest-stream demo --json --curves`` result."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m jest_stream.demo.report", description=main.__doc__)
+    p.add_argument("out", help="the PNG to write")
+    p.add_argument("results", nargs="+", help="JSON files written by jest-stream demo --json --curves")
+    args = p.parse_args(argv)
+    summaries = []
+    for name in args.results:
+        with open(name) as fh:
+            summary = json.load(fh)
+        if "curves" not in summary:
+            raise SystemExit(f"{name}: no curves; run jest-stream demo with --json --curves")
+        summaries.append(summary)
+    print(plot_grid(summaries, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -207,3 +207,21 @@ def test_large_super_batches_pick_the_large_preset():
     assert task().file_suffix == "" and task().defaults["super_batch"] == 160
     with pytest.raises(SystemExit, match="--loss"):
         demo.main(["--task", "classification", "--loss", "softmax"])
+
+
+def test_saved_results_redraw_as_one_figure(tmp_path, capsys):
+    """--json --curves results are enough to draw the docs' figure, a panel per result."""
+    from jest_stream.demo.report import main as report_main
+
+    argv = SMALL + ["--task", "contrastive", "--methods", "topk", "--json", "--curves"]
+    saved = []
+    for ratio in ("0.8", "0.9"):
+        assert demo.main(argv + ["--filter-ratio", ratio, "--out", str(tmp_path)]) == 0
+        saved.append(tmp_path / f"f{ratio}.json")
+        saved[-1].write_text(capsys.readouterr().out)
+    assert report_main([str(tmp_path / "grid.png"), *map(str, saved)]) == 0
+    _check_png(str(tmp_path / "grid.png"))
+    (tmp_path / "bare.json").write_text(json.dumps({k: v for k, v in json.loads(saved[0].read_text()).items()
+                                                    if k != "curves"}))
+    with pytest.raises(SystemExit, match="--curves"):
+        report_main([str(tmp_path / "x.png"), str(tmp_path / "bare.json")])
