@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter-ratio", type=float, default=0.8,
                    help="fraction f of each super-batch dropped; b = (1 - f) B (default 0.8)")
     p.add_argument("--lr", type=float, help="learner learning rate, Adam (default 0.002)")
-    p.add_argument("--score-gain", type=float, help="multiplier on scores before joint sampling (default 2; contrastive: the "
+    p.add_argument("--score-gain", type=float,
+                   help="multiplier on scores before joint sampling (default 2; contrastive: the "
                         "loss kind's default, jest_stream.options.DEFAULT_GAINS)")
     p.add_argument("--n-chunks", type=int, help="chunks of the joint sampler (default 16)")
     p.add_argument("--eval-every", type=int, help="evaluate the test metric every N steps (default 10)")

@@ -21,7 +21,7 @@ from jest_stream.conditional import conditional_scores
 from jest_stream.diagnostics import loss_summary, sample_rows
 from jest_stream.outputs import Embeddings, Losses
 from jest_stream.selection import Selection
-from conftest import text_view
+from support import text_view
 
 WARNING = "reference's loss has been above the learner's"
 
