@@ -19,7 +19,9 @@ from jest_stream.demo.models import TwoTower, train_classifier, train_two_tower
 from jest_stream.demo.training import SuperBatches, super_batch_loader
 from jest_stream.conditional import conditional_scores
 from jest_stream.diagnostics import loss_summary, sample_rows
+from jest_stream.options import SelectOptions
 from jest_stream.outputs import Embeddings, Losses
+from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.selection import Selection
 from support import text_view
 
@@ -81,6 +83,9 @@ def test_per_example_summary_and_the_wire_keep_the_figures():
     sel = Selection(np.array([2, 0]), 1.0, 0.5, **got.as_fields())
     back = wire.selection_from_proto(wire.selection_to_proto(sel))
     assert (back.mean_learner_loss, back.mean_reference_loss, back.reference_above_learner) == (2.5, 2.0, 0.5)
+    request = pb.SelectRequest()
+    wire.options_to_proto(SelectOptions(), request)  # score_gain None: the kind's default, sent as 0
+    assert wire.options_from_proto(request) == SelectOptions()
     unset = wire.selection_to_proto(Selection(np.array([1]), 0.0, 0.0))  # NaN: left unset
     assert not unset.HasField("mean_learner_loss")
     assert math.isnan(wire.selection_from_proto(unset).reference_above_learner)
