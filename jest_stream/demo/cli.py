@@ -159,6 +159,19 @@ def _checked(args: argparse.Namespace, task: Any) -> tuple[list[str], float]:
     return methods, noise
 
 
+def _summary_config(args: argparse.Namespace, task: Any, config: Any, noise: float, seeds: list[int]) -> dict:
+    """What ran, for the summary's ``config``."""
+    scorer = ("embedded" if not args.remote else "remote (local gRPC server)" if args.remote == "local"
+              else f"remote ({args.remote})")
+    return {
+        "description": task.description.format(noise=noise), "variant": task.name + task.file_suffix,
+        "noise": noise, "super_batch": config.super_batch, "sub_batch": config.sub_batch,
+        "filter_ratio": round(config.filter_ratio, 4), "steps": config.steps, "lr": config.lr,
+        "score_gain": config.score_gain, "n_chunks": config.n_chunks, "eval_every": config.eval_every,
+        "seeds": seeds, "scorer": scorer, "threads": args.threads,
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the demo described by parsed ``args``; return the summary (see demo_report)."""
     import numpy as np
@@ -171,8 +184,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(max(1, args.threads))
     task = _task(args)
     config = _config(args, task.defaults, task.kind)
-    methods, noise = _checked(args, task)
-    seeds = list(range(args.seeds))
+    (methods, noise), seeds = _checked(args, task), list(range(args.seeds))
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
 
@@ -207,16 +219,9 @@ def run(args: argparse.Namespace) -> dict:
                 log.info("%s seed %d: final %s %.4f, corrupted chosen %.1f%%, %.1f s", method, seed,
                          task.metric, result.values[-1], 100 * result.corrupted_selected, result.seconds)
 
-    cfg = {
-        "description": task.description.format(noise=noise), "variant": name,
-        "noise": noise, "super_batch": config.super_batch, "sub_batch": config.sub_batch,
-        "filter_ratio": round(config.filter_ratio, 4), "steps": config.steps, "lr": config.lr,
-        "score_gain": config.score_gain, "n_chunks": config.n_chunks, "eval_every": config.eval_every,
-        "seeds": seeds, "scorer": ("embedded" if not args.remote else "remote (local gRPC server)"
-                   if args.remote == "local" else f"remote ({args.remote})"),
-        "n_train": len(keys), "n_reference": len(data.reference), "n_test": len(data.test),
-        "reference_metric": reference_metric, "shards": len(shards), "threads": args.threads,
-    }
+    cfg = _summary_config(args, task, config, noise, seeds)
+    cfg.update(n_train=len(keys), n_reference=len(data.reference), n_test=len(data.test),
+               reference_metric=reference_metric, shards=len(shards))
     summary = summarize(runs, task=task.name, metric=task.metric, config=cfg,
                         reference_training_F=3.0 * task.reference_train_examples,
                         cache_fill_F=1.0 * len(keys))

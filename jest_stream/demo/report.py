@@ -150,12 +150,13 @@ def summarize(runs: dict[str, MethodRuns], *, task: str, metric: str, config: di
         "one_off_F": {"reference_training": reference_training_F, "reference_cache_fill": cache_fill_F},
         "uniform_compute_F": uniform_compute,
         "methods": methods,
-        "curves": {
-            name: {"steps": [int(s) for s in r.steps], "mean": [float(v) for v in r.mean_curve],
-                   "std": [float(v) for v in r.array.std(axis=0)]}
-            for name, r in runs.items()
-        },
+        "curves": {name: _curve(r) for name, r in runs.items()},
     }
+
+
+def _curve(r: MethodRuns) -> dict:
+    return {"steps": [int(s) for s in r.steps], "mean": [float(v) for v in r.mean_curve],
+            "std": [float(v) for v in r.array.std(axis=0)]}
 
 
 def _fmt(value: float | None, spec: str, none: str = "never") -> str:
