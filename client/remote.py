@@ -40,6 +40,7 @@ import grpc
 from jest_stream import codec, wire
 from jest_stream.client.scorer import InputsFn, KeyMemory, ScorerRejected, ScorerUnavailable, SelectCall
 from jest_stream.contract import ModelSpec
+from jest_stream.options import check_name
 from jest_stream.selection import Selection
 from jest_stream.v1 import scorer_pb2 as pb
 from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
@@ -160,6 +161,8 @@ class RemoteScorer:
     True (system roots), a CA certificate path or grpc.ChannelCredentials.
     ``timeout``: deadline of every call in seconds, retries included.
     ``max_message_bytes``: gRPC send/receive limit (the server's must be as large).
+    ``embeddings_dtype``: how contrastive learner embeddings travel: ``"float16"``
+    (the default: half the bytes of float32), ``"bfloat16"`` or ``"float32"``.
     """
 
     def __init__(self, target: str | Sequence[str], token: str | None = None,
@@ -167,8 +170,9 @@ class RemoteScorer:
                  timeout: float = 10.0, max_message_bytes: int = 256 << 20, max_attempts: int = 4,
                  initial_backoff: float = 0.05, max_backoff: float = 1.0,
                  reconnect_backoff_max: float = 5.0, remember_keys: int = 1 << 20,
-                 omit_cached_inputs: bool | None = None,
+                 omit_cached_inputs: bool | None = None, embeddings_dtype: str = "float16",
                  channel_options: Sequence[tuple[str, Any]] = ()):
+        self.embeddings_dtype = check_name(embeddings_dtype, codec.WIRE_FLOATS, "embeddings_dtype")
         if timeout <= 0:
             raise ValueError(f"timeout: must be > 0 seconds, got {timeout}")
         if max_attempts < 1:
@@ -313,18 +317,25 @@ class RemoteScorer:
         self._known.add(handle.model, handle.keys, reply.model_version)
         return True
 
+    def select_request(self, call: SelectCall, with_inputs: bool = True) -> pb.SelectRequest:
+        """The SelectRequest this scorer sends for ``call`` (the learner's embeddings as
+        ``embeddings_dtype``; the reference inputs unless ``with_inputs`` is False)."""
+        request = pb.SelectRequest(model=call.model, job_id=call.job_id, keys=list(call.keys or ()),
+                                   n_select=int(call.n_select))
+        wire.options_to_proto(call.options, request)
+        if call.seed is not None:
+            request.seed = int(call.seed)
+        wire.learner_to_proto(call.learner, request.learner, self.embeddings_dtype)
+        if with_inputs and call.inputs is not None:
+            codec.encode_map(call.inputs(), request.inputs)
+        return request
+
     def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
         keys = list(call.keys) if call.keys else []
         was_prefetched = self._prefetched(prefetched)
         omit = bool(keys) and bool(self._omit) and call.inputs is not None and (
             was_prefetched or self._known.has_all(call.model, keys))
-        request = pb.SelectRequest(model=call.model, job_id=call.job_id, keys=keys, n_select=int(call.n_select))
-        wire.options_to_proto(call.options, request)
-        if call.seed is not None:
-            request.seed = int(call.seed)
-        wire.learner_to_proto(call.learner, request.learner)
-        if not omit and call.inputs is not None:
-            codec.encode_map(call.inputs(), request.inputs)
+        request = self.select_request(call, with_inputs=not omit)
         try:
             reply = self._call("Select", request)
         except ScorerRejected:

@@ -18,16 +18,25 @@ from jest_stream.outputs import Embeddings, Losses
 from jest_stream.selection import Selection
 from jest_stream.v1 import scorer_pb2 as pb
 
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
 # -- learner scores ---------------------------------------------------------------------
 
 
-def learner_to_proto(learner: Losses | Embeddings, out: pb.LearnerScores) -> None:
-    """Fill a LearnerScores message from Losses or Embeddings (float32 on the wire)."""
+def learner_to_proto(learner: Losses | Embeddings, out: pb.LearnerScores,
+                     embeddings_dtype: str = "float32") -> None:
+    """Fill a LearnerScores message from Losses or Embeddings: losses as float32,
+    embeddings as ``embeddings_dtype`` (float32, float16 or bfloat16). float16 keeps
+    float32 for a batch whose values float16 cannot hold (beyond +-65504)."""
     if isinstance(learner, Losses):
         codec.encode(np.asarray(learner.values, dtype=np.float32), out.losses)
     else:
-        codec.encode(np.asarray(learner.image, dtype=np.float32), out.image_embeds)
-        codec.encode(np.asarray(learner.text, dtype=np.float32), out.text_embeds)
+        for z, target in ((learner.image, out.image_embeds), (learner.text, out.text_embeds)):
+            z = np.asarray(z)
+            wire = embeddings_dtype
+            if wire == "float16" and float(np.abs(z).max(initial=0.0)) > _FLOAT16_MAX:
+                wire = "float32"
+            codec.encode(z, target, wire_dtype=wire)
         out.logit_scale = float(learner.logit_scale)
         out.logit_bias = float(learner.logit_bias)
 

@@ -17,6 +17,7 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DT_INT64: _ClassVar[DataType]
     DT_UINT8: _ClassVar[DataType]
     DT_BOOL: _ClassVar[DataType]
+    DT_BFLOAT16: _ClassVar[DataType]
 DT_INVALID: DataType
 DT_FLOAT16: DataType
 DT_FLOAT32: DataType
@@ -25,6 +26,7 @@ DT_INT32: DataType
 DT_INT64: DataType
 DT_UINT8: DataType
 DT_BOOL: DataType
+DT_BFLOAT16: DataType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
