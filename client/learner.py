@@ -99,6 +99,20 @@ def softmax_contrastive_embeddings(image_embeds: torch.Tensor, text_embeds: torc
                        normalize)
 
 
+def _all_finite(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return bool(torch.isfinite(x).all())
+    return bool(np.all(np.isfinite(x)))
+
+
+def all_finite(learner: LearnerScores) -> bool:
+    """True if the learner's scores (numpy or torch, on any device) hold no NaN or inf."""
+    if isinstance(learner, Losses):
+        return _all_finite(learner.values)
+    return (_all_finite(learner.image) and _all_finite(learner.text)
+            and bool(np.isfinite(learner.logit_scale)) and bool(np.isfinite(learner.logit_bias)))
+
+
 def as_learner_scores(value: Any) -> LearnerScores:
     """What a ``score_fn`` returned, as Losses or Embeddings.
 

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from jest_stream.client.batches import batch_size, fields_by_name, keys_of, take, to_numpy
-from jest_stream.client.learner import as_learner_scores
+from jest_stream.client.learner import all_finite, as_learner_scores
 from jest_stream.client.scorer import Scorer, ScorerRejected, ScorerUnavailable, SelectCall, resolve_model
 from jest_stream.client.reference_watch import ReferenceWatch, ReferenceWatcher
 from jest_stream.client.stats import LoaderStats
+from jest_stream.client.trainer_select import placement
 from jest_stream.contract import ModelSpec
 from jest_stream.options import DEFAULT_N_CHUNKS, SelectOptions, check_name
 from jest_stream.outputs import Embeddings, Losses
@@ -52,13 +53,6 @@ def distributed_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _finite(learner: Losses | Embeddings) -> bool:
-    if isinstance(learner, Losses):
-        return bool(np.all(np.isfinite(learner.values)))
-    return bool(np.all(np.isfinite(learner.image)) and np.all(np.isfinite(learner.text))
-                and np.isfinite(learner.logit_scale) and np.isfinite(learner.logit_bias))
 
 
 class _SuperBatch:
@@ -116,20 +110,23 @@ class JESTLoader:
     is not used and reference inputs are sent every step. ``reference_inputs``:
     function batch -> {model input name: array}; by default, dict fields named like
     the model's inputs, or a tuple batch's items in input order.
+    ``select_on="trainer"``: select here, from the scorer's reference outputs; ``reference="batch"``:
+    read them from the batch (``jest-stream precompute --write-shards``; ``scorer`` may be None).
 
     Resuming (``state_dict``/``load_state_dict``) needs ``loader`` to yield the same
     super-batches in the same order when iterated again (a seeded sampler), unless it
     has a ``state_dict`` of its own (torchdata's StatefulDataLoader).
     """
 
-    def __init__(self, loader: Iterable[Any], score_fn: Callable[[Any], Any], scorer: Scorer, *,
+    def __init__(self, loader: Iterable[Any], score_fn: Callable[[Any], Any], scorer: Scorer | None, *,
                  model: str | None = None, filter_ratio: float = 0.8, n_select: int | None = None,
                  score: str = "learnability", sampler: str = "joint",
                  n_chunks: int = DEFAULT_N_CHUNKS, score_gain: float = 1.0, seed: int | None = None,
                  key: str | Callable[[Any], Any] | None = "__key__",
                  reference_inputs: Callable[[Any], Mapping[str, Any]] | None = None,
                  prefetch: bool = True, fallback: str = "uniform", retry_after: float = 2.0,
-                 job: str | None = None, log_every: int = 0, reference_watch: ReferenceWatch | None = ReferenceWatch()):
+                 job: str | None = None, log_every: int = 0, select_on: str | None = None,
+                 reference: str = "scorer", reference_watch: ReferenceWatch | None = ReferenceWatch()):
         self.options = SelectOptions(score=score, sampler=sampler, n_chunks=n_chunks, score_gain=score_gain)
         check_name(fallback, FALLBACKS, "fallback")
         if not 0.0 <= filter_ratio < 1.0:
@@ -143,6 +140,7 @@ class JESTLoader:
         if not callable(score_fn):
             raise TypeError(f"score_fn: expected a callable batch -> learner scores, got "
                             f"{type(score_fn).__name__}")
+        scorer, self._batch_reference = placement(scorer, select_on, reference, model)  # trainer_select.py
         for method in ("models", "prefetch", "select"):
             if not callable(getattr(scorer, method, None)):
                 raise TypeError(f"scorer: {type(scorer).__name__} has no {method}(); pass a "
@@ -263,7 +261,9 @@ class JESTLoader:
             log.info("batches have no %r field: the reference cache is not used (pass key=...)", self._key)
             self._warned_no_keys = True
         item = _SuperBatch(batch, size, keys, self._inputs_of)
-        if self.prefetch and keys and not (self.fallback == "uniform" and self._breaker.is_open()):
+        if self._batch_reference is not None:  # reference="batch": the outputs ride in the batch
+            item.prefetched = self._batch_reference.read(batch, size)
+        elif self.prefetch and keys and not (self.fallback == "uniform" and self._breaker.is_open()):
             try:
                 spec = self._model_spec()
                 item.prefetched = self._scorer.prefetch(spec.name, self.job_id, keys, item.inputs)
@@ -308,7 +308,7 @@ class JESTLoader:
                              f"B={item.size}; it must score every example of the batch it is given")
         seed = step_seed(self.seed, self.rank, self._step)
         indices = None
-        if not _finite(learner):
+        if not all_finite(learner):
             if self.fallback == "raise":
                 raise ValueError(f"score_fn: learner scores of step {self._step} hold NaN or inf "
                                  "(fallback='raise')")

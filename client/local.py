@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jest_stream.client.scorer import InputsFn, KeyMemory, ScorerRejected, ScorerUnavailable, SelectCall
+from jest_stream.client.scorer import (InputsFn, KeyMemory, ReferenceOutputs, ScorerRejected, ScorerUnavailable,
+                                       SelectCall)
 from jest_stream.contract import ModelSpec
 from jest_stream.selection import Selection
 
@@ -71,36 +72,48 @@ class LocalScorer:
             self._models = {spec.name: spec for spec in engine.list_models()}
         return self._models
 
-    def prefetch(self, model: str, job_id: str, keys: Sequence[str], inputs: InputsFn) -> None:
+    def prefetch(self, model: str, job_id: str, keys: Sequence[str], inputs: InputsFn,
+                 outputs: bool = False) -> None:
         return None
 
-    def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
-        engine = self.engine
-        keys = list(call.keys) if call.keys else None
+    def _cached_call(self, model: str, keys: list[str] | None, inputs: InputsFn | None,
+                     run: Callable[[dict[str, np.ndarray] | None], Any]) -> Any:
+        """``run(inputs)``, without the inputs when this engine has cached every key (and
+        again with them if they were evicted); engine errors become scorer errors."""
         # Keys this engine has cached need no inputs (nor their conversion and checks).
-        omit = keys is not None and call.inputs is not None and self._known.has_all(call.model, keys)
-        inputs = None if omit or call.inputs is None else call.inputs()  # the caller's errors stay its own
+        omit = keys is not None and inputs is not None and self._known.has_all(model, keys)
+        given = None if omit or inputs is None else inputs()  # the caller's errors stay its own
         try:
             try:
-                result = self._select(engine, call, keys, inputs)
+                result = run(given)
             except ValueError:
                 if not omit:
                     raise
-                self._known.forget(call.model)  # evicted: run again with the inputs
-                result = self._select(engine, call, keys, call.inputs())
+                self._known.forget(model)  # evicted: run again with the inputs
+                result = run(inputs())
         except (ValueError, KeyError) as exc:
             raise ScorerRejected(f"local scorer refused the request: {exc}") from exc
         except Exception as exc:  # ORT runtime failures and the like: the fallback's case
             raise ScorerUnavailable(f"local scorer failed: {type(exc).__name__}: {exc}") from exc
         if keys:
-            self._known.add(call.model, keys, result.model_version)
+            version = result.model_version if isinstance(result, Selection) else result.version
+            self._known.add(model, keys, version)
         return result
 
-    @staticmethod
-    def _select(engine: Any, call: SelectCall, keys: list[str] | None,
-                inputs: dict[str, np.ndarray] | None) -> Any:
-        return engine.select(call.model, learner=call.learner, n_select=call.n_select, keys=keys,
-                             inputs=inputs, options=call.options, seed=call.seed)
+    def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
+        engine = self.engine
+        keys = list(call.keys) if call.keys else None
+        return self._cached_call(call.model, keys, call.inputs, lambda inputs: engine.select(
+            call.model, learner=call.learner, n_select=call.n_select, keys=keys, inputs=inputs,
+            options=call.options, seed=call.seed))
+
+    def reference(self, model: str, job_id: str, keys: Sequence[str] | None, inputs: InputsFn | None,
+                  prefetched: Any = None) -> ReferenceOutputs:
+        """The reference outputs of a super-batch, from this engine's cache or its model."""
+        engine = self.engine
+        keys = list(keys) if keys else None
+        result = self._cached_call(model, keys, inputs, lambda given: engine.reference(model, keys, given))
+        return ReferenceOutputs(result.outputs, result.hits, result.misses, result.version)
 
     def close(self) -> None:
         with self._lock:

@@ -38,7 +38,8 @@ from typing import Any
 import grpc
 
 from jest_stream import codec, wire
-from jest_stream.client.scorer import InputsFn, KeyMemory, ScorerRejected, ScorerUnavailable, SelectCall
+from jest_stream.client.scorer import (InputsFn, KeyMemory, ReferenceOutputs, ScorerRejected, ScorerUnavailable,
+                                       SelectCall)
 from jest_stream.contract import ModelSpec
 from jest_stream.options import check_name
 from jest_stream.selection import Selection
@@ -142,6 +143,7 @@ class _Prefetch:
     future: grpc.Future
     model: str
     keys: list[str]
+    outputs: bool = False
 
 
 _LIVE: weakref.WeakSet[RemoteScorer] = weakref.WeakSet()
@@ -296,14 +298,44 @@ class RemoteScorer:
         return self._models
 
     def prefetch(self, model: str, job_id: str, keys: Sequence[str],
-                 inputs: InputsFn) -> _Prefetch | None:
-        """Send a Reference request (return_outputs=false) for keys not known to be
-        cached; returns its future, or None when there is nothing to send."""
-        if not keys or (self._omit and self._known.has_all(model, keys)):
+                 inputs: InputsFn, outputs: bool = False) -> _Prefetch | None:
+        """Start a Reference call warming the cache for keys not known to be cached (or, with
+        ``outputs``, fetching the outputs); returns its handle, None if nothing is sent."""
+        if not keys or (not outputs and self._omit and self._known.has_all(model, keys)):
             return None
-        request = pb.ReferenceRequest(model=model, job_id=job_id, keys=list(keys), return_outputs=False)
-        codec.encode_map(inputs(), request.inputs)
-        return _Prefetch(self._submit("Reference", request), model, list(keys))
+        request = self._reference_request(model, job_id, keys, inputs, outputs)
+        return _Prefetch(self._submit("Reference", request), model, list(keys), outputs)
+
+    def _reference_request(self, model: str, job_id: str, keys: Sequence[str] | None,
+                           inputs: InputsFn | None, outputs: bool) -> pb.ReferenceRequest:
+        """A Reference request, without the inputs when the server holds every key."""
+        request = pb.ReferenceRequest(model=model, job_id=job_id, keys=keys or (), return_outputs=outputs)
+        if inputs is not None and not (keys and self._omit and self._known.has_all(model, keys)):
+            codec.encode_map(inputs(), request.inputs)
+        return request
+
+    def reference(self, model: str, job_id: str, keys: Sequence[str] | None, inputs: InputsFn | None,
+                  prefetched: _Prefetch | None = None) -> ReferenceOutputs:
+        """The reference outputs of a super-batch: the prefetched reply when it has them,
+        else a Reference call (resent with the inputs if the server evicted the keys)."""
+        try:  # a prefetch that failed is asked again here, once
+            reply = self._wait(prefetched.future, "Reference") if prefetched and prefetched.outputs else None
+        except (ScorerUnavailable, ScorerRejected):
+            reply = None
+        if reply is None:
+            self._ensure()
+            request = self._reference_request(model, job_id, keys, inputs, True)
+            try:
+                reply = self._call("Reference", request)
+            except ScorerRejected:
+                if request.inputs or inputs is None:
+                    raise
+                self._known.forget(model)  # evicted: send the inputs
+                codec.encode_map(inputs(), request.inputs)
+                reply = self._call("Reference", request)
+        self._known.add(model, list(keys or ()), reply.model_version)
+        return ReferenceOutputs(codec.decode_map(reply.outputs, "outputs"), reply.cache_hits,
+                                reply.cache_misses, reply.model_version)
 
     def _prefetched(self, handle: _Prefetch | None) -> bool:
         """True once the prefetch for these keys succeeded (they are in the cache)."""

@@ -1,8 +1,9 @@
 """The Scorer interface the JESTLoader talks to, its request type and its errors.
 
 A scorer knows reference models (``models()``), can warm its reference cache for a
-super-batch ahead of time (``prefetch``) and selects a sub-batch from the learner's
-scores (``select``). Two implementations share it:
+super-batch ahead of time (``prefetch``), selects a sub-batch from the learner's
+scores (``select``) and, for selection on the trainer, hands back the reference
+outputs themselves (``reference``). Two implementations share it:
 
 - ``LocalScorer(path)`` (client/local.py): the server's ScoringEngine in this process
   (ONNX Runtime; nothing to start), so local and remote selections are identical;
@@ -57,6 +58,17 @@ class SelectCall:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class ReferenceOutputs:
+    """A super-batch's reference outputs by output name (B rows each, host arrays), the
+    reference-cache figures of the call and the model version that computed them."""
+
+    outputs: dict[str, np.ndarray]
+    cache_hits: int = 0
+    cache_misses: int = 0
+    model_version: str = ""
+
+
 @runtime_checkable
 class Scorer(Protocol):
     """What the JESTLoader needs from a scorer (local or remote)."""
@@ -64,12 +76,19 @@ class Scorer(Protocol):
     def models(self) -> dict[str, ModelSpec]:
         """The reference models the scorer serves, by name."""
 
-    def prefetch(self, model: str, job_id: str, keys: Sequence[str], inputs: InputsFn) -> Any:
-        """Start warming the reference cache for these keys; return a handle for
-        ``select`` (or None if there is nothing to wait for)."""
+    def prefetch(self, model: str, job_id: str, keys: Sequence[str], inputs: InputsFn,
+                 outputs: bool = False) -> Any:
+        """Start warming the reference cache for these keys (and, with ``outputs``,
+        fetching their outputs); return a handle for ``select`` or ``reference`` (or
+        None if there is nothing to wait for)."""
 
     def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
         """Select ``call.n_select`` examples; raise ScorerUnavailable or ScorerRejected."""
+
+    def reference(self, model: str, job_id: str, keys: Sequence[str] | None, inputs: InputsFn | None,
+                  prefetched: Any = None) -> ReferenceOutputs:
+        """The reference outputs of a super-batch (from ``prefetched`` when it fetched them);
+        raise ScorerUnavailable or ScorerRejected."""
 
     def close(self) -> None:
         """Release channels, threads and sessions."""

@@ -19,10 +19,11 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from jest_stream.outputs import LOSS_KINDS
+from jest_stream.outputs import LOSS_KINDS, Embeddings, Losses
 
 KIND_KEY = "jest.kind"
 INPUTS_KEY = "jest.inputs"
@@ -151,6 +152,13 @@ class ModelSpec:
     @property
     def input_names(self) -> list[str]:
         return [s.name for s in self.inputs]
+
+    def outputs_from(self, arrays: Mapping[str, Any]) -> Losses | Embeddings:
+        """This model's outputs by name (B rows each) as the core takes them: Losses
+        (``loss``) or Embeddings (``image_embeds``, ``text_embeds``, its scale and bias)."""
+        if self.kind == "per_example":
+            return Losses(arrays["loss"].reshape(-1))
+        return Embeddings(arrays["image_embeds"], arrays["text_embeds"], self.logit_scale, self.logit_bias)
 
 
 def model_version(path: str | os.PathLike) -> str:

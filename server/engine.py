@@ -300,12 +300,7 @@ class ScoringEngine:
         reference, hits, misses = None, 0, 0
         if plan.reference is not None:
             ref = self.complete_reference(plan.reference, fresh)
-            out = ref.outputs
-            if m.contract.kind == "per_example":
-                reference = Losses(out["loss"].reshape(-1))
-            else:
-                reference = Embeddings(out["image_embeds"], out["text_embeds"],
-                                       m.contract.logit_scale, m.contract.logit_bias)
+            reference = m.spec.outputs_from(ref.outputs)
             hits, misses = ref.hits, ref.misses
         selection = select(plan.n_select, kind=m.contract.kind, learner=plan.learner, reference=reference,
                            options=plan.options, seed=plan.seed)

@@ -1,4 +1,5 @@
-"""``jest-stream precompute``: fill a reference cache file from WebDataset shards, offline.
+"""``jest-stream precompute``: fill a reference cache file from WebDataset shards, offline
+(or, with ``--write-shards``, write the outputs into new shards: server/reference_shards.py).
 
 Reference outputs never change (the model is frozen), so they can be computed once,
 ahead of training, and loaded by the server at start (``--cache-file``): the first
@@ -229,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the reference model (ONNX, from export_reference)")
     p.add_argument("--shards", required=True, nargs="+",
                    help="shard files: brace patterns ('train-{000..009}.tar'), globs or paths")
-    p.add_argument("--out", required=True, help="the cache file to create or extend")
+    p.add_argument("--out", help="the cache file to create or extend")
+    p.add_argument("--write-shards", metavar="OUT",
+                   help="instead of a cache file, write each shard again under the directory OUT with "
+                        "its samples' reference outputs as jest.* fields (JESTLoader(reference='batch'))")
     p.add_argument("--batch-size", type=int, default=256, help="samples per inference batch (default 256)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads (default: ORT's choice)")
@@ -243,9 +247,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isfile(args.model):
         print(f"jest-stream precompute: --model: {args.model!r} is not a file", file=sys.stderr)
         return 2
+    if bool(args.out) == bool(args.write_shards):
+        print("jest-stream precompute: give --out (a cache file) or --write-shards (a directory), "
+              "not both", file=sys.stderr)
+        return 2
     try:
-        counts = precompute(args.model, args.shards, args.out, batch_size=args.batch_size,
-                            intra_op_threads=args.threads, progress=not args.no_progress)
+        if args.write_shards:
+            from .reference_shards import write_reference_shards
+
+            counts = write_reference_shards(args.model, args.shards, args.write_shards,
+                                            batch_size=args.batch_size, intra_op_threads=args.threads,
+                                            progress=not args.no_progress)
+        else:
+            counts = precompute(args.model, args.shards, args.out, batch_size=args.batch_size,
+                                intra_op_threads=args.threads, progress=not args.no_progress)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"jest-stream precompute: {message}", file=sys.stderr)
