@@ -46,6 +46,7 @@ class ServerConfig:
     workers: int = 4
     max_inflight: int = 256
     providers: list[str] | None = None
+    device: str | None = None
     max_batch: int = 8192
     max_delay_ms: float = 2.0
     max_queue_rows: int = 262144
@@ -116,7 +117,7 @@ class ScoringServer:
         self.engine = await loop.run_in_executor(None, lambda: ScoringEngine(
             c.models, cache_bytes=c.cache_bytes, cache_file=c.cache_files or None,
             intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads,
-            providers=c.providers))
+            providers=c.providers, device=c.device))
         self.batcher = Batcher(self.engine.models, self.metrics, max_batch=c.max_batch,
                                max_delay=c.max_delay_ms / 1000, max_queue_rows=c.max_queue_rows,
                                arriving=lambda: self.servicer.arriving,

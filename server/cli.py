@@ -13,6 +13,7 @@ from jest_stream.cachefile import CacheFileError
 from jest_stream.contract import ContractError
 
 from .app import ServerConfig, serve
+from .device import DEVICES, DeviceUnavailable, require_cuda
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--inter-op-threads", "ONNX Runtime inter-op threads", type=int)
     add("--providers", "ONNX Runtime execution providers, comma-separated (default: CUDA if available, "
         "else CPU)")
+    add("--device", "cuda: reference inference on ONNX Runtime's CUDA provider with inputs and outputs "
+        "on the GPU, and selection there in CuPy (the gpu extra); cpu: the CPU only (default: CUDA for "
+        "inference if ONNX Runtime has it, selection on the host)", choices=DEVICES)
     add("--workers", "threads decoding requests and running selection", type=int, default=4)
     add("--max-inflight", "calls in flight before RESOURCE_EXHAUSTED", type=int, default=256)
     add("--max-batch", "most rows per reference inference batch", type=int, default=8192)
@@ -102,6 +106,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Check the parsed flags and turn them into a ServerConfig."""
     if not args.model:
         raise SystemExit("--model: give at least one reference model as NAME=PATH (or JEST_MODEL)")
+    if args.device is not None and args.device not in DEVICES:
+        raise SystemExit(f"--device: {args.device!r} is not one of {', '.join(DEVICES)} (JEST_DEVICE)")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert/--tls-key: give both or neither")
     token = _read(args.token_file, "--token-file")
@@ -117,7 +123,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         inter_op_threads=args.inter_op_threads, workers=args.workers, max_inflight=args.max_inflight,
         providers=[p for p in args.providers.split(",") if p] if args.providers else None,
         max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, inference_workers=args.inference_workers,
-        max_queue_rows=args.max_queue_rows, grace_s=args.grace, port_file=args.port_file)
+        max_queue_rows=args.max_queue_rows, grace_s=args.grace, port_file=args.port_file,
+        device=args.device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = config_from_args(args)
+    if config.device == "cuda":
+        try:
+            require_cuda()
+        except DeviceUnavailable as exc:
+            raise SystemExit(str(exc)) from None
     for flag, value in (("--port", config.port), ("--max-message-bytes", config.max_message_bytes - 1),
                         ("--workers", config.workers - 1), ("--max-inflight", config.max_inflight - 1),
                         ("--max-batch", config.max_batch - 1), ("--max-queue-rows", config.max_queue_rows - 1),
@@ -139,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = asyncio.run
     try:
         runner(serve(config))
-    except (ContractError, CacheFileError, FileNotFoundError, OSError) as exc:
+    except (ContractError, CacheFileError, DeviceUnavailable, FileNotFoundError, OSError) as exc:
         log.error("cannot serve: %s", exc)
         return 1
     return 0

@@ -25,12 +25,13 @@ import numpy as np
 
 from jest_stream.cachefile import CacheFileError, read_cache_file
 from jest_stream.contract import ModelSpec
-from jest_stream.options import SelectOptions
+from jest_stream.options import SelectOptions, check_name
 from jest_stream.outputs import Embeddings, Losses
 from jest_stream.samplers import check_sizes
 from jest_stream.diagnostics import loss_summary
 from jest_stream.selection import Selection, expected_outputs, make_rng, select
 
+from . import device as devices
 from .cache import ReferenceCache
 from .models import ReferenceModel
 
@@ -114,12 +115,17 @@ class ScoringEngine:
     def __init__(self, models: Mapping[str, str | os.PathLike], *, cache_bytes: int = 1 << 30,
                  cache_file: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 providers: Sequence[str] | None = None):
+                 providers: Sequence[str] | None = None, device: str | None = None):
         if not models:
             raise ValueError("models: give at least one NAME=PATH reference model")
+        if device is not None:
+            check_name(device, devices.DEVICES, "device")
+        if device == "cuda":
+            devices.require_cuda()
+        self.device = device
         self.models: dict[str, ReferenceModel] = {
             name: ReferenceModel(name, path, intra_op_threads=intra_op_threads,
-                                 inter_op_threads=inter_op_threads, providers=providers)
+                                 inter_op_threads=inter_op_threads, providers=providers, device=device)
             for name, path in models.items()}
         self.cache = ReferenceCache(cache_bytes)
         if cache_file is None:
@@ -239,23 +245,26 @@ class ScoringEngine:
             run_inputs = _rows(inputs, missing)
         return ReferencePlan(m, keys, batch, cached, missing, run_inputs)
 
-    def complete_reference(self, plan: ReferencePlan, fresh: Mapping[str, np.ndarray] | None) -> ReferenceResult:
-        """Cache the fresh outputs of the missing rows and assemble all B rows."""
+    def complete_reference(self, plan: ReferencePlan, fresh: Mapping[str, np.ndarray] | None,
+                           on_device: bool = False) -> ReferenceResult:
+        """Cache the fresh outputs of the missing rows and assemble all B rows (host arrays;
+        with ``on_device``, fresh GPU outputs of a batch that missed entirely stay there)."""
         m = plan.model
         n_miss = int(plan.missing.size)
+        device_fresh = fresh
         if n_miss:
             if fresh is None:
                 raise RuntimeError("complete_reference: the plan has rows to run but no outputs were given")
             for name in m.contract.outputs:
-                got = np.shape(fresh[name])[:1]
+                got = tuple(fresh[name].shape[:1])
                 if got != (n_miss,):
                     raise RuntimeError(f"model {m.name!r} returned {got} rows of {name!r} for {n_miss} inputs")
+            fresh = {name: devices.to_host(fresh[name]) for name in m.contract.outputs}
             if plan.keys is not None:
                 self.cache.put_batch(m.version, [plan.keys[i] for i in plan.missing]
-                                     if n_miss != plan.batch else plan.keys,
-                                     {name: fresh[name] for name in m.contract.outputs})
+                                     if n_miss != plan.batch else plan.keys, fresh)
         if plan.cached is None:
-            outputs = {name: np.asarray(fresh[name]) for name in m.contract.outputs}
+            outputs = {name: (device_fresh if on_device else fresh)[name] for name in m.contract.outputs}
         else:
             outputs = plan.cached
             if n_miss:
@@ -299,10 +308,13 @@ class ScoringEngine:
         m = plan.model
         reference, hits, misses = None, 0, 0
         if plan.reference is not None:
-            ref = self.complete_reference(plan.reference, fresh)
+            ref = self.complete_reference(plan.reference, fresh, on_device=self.device == "cuda")
             reference = m.spec.outputs_from(ref.outputs)
+            if self.device == "cuda":  # selection on the GPU: CuPy arrays through the core's select
+                reference = devices.on_device(reference)
             hits, misses = ref.hits, ref.misses
-        selection = select(plan.n_select, kind=m.contract.kind, learner=plan.learner, reference=reference,
+        learner = devices.on_device(plan.learner) if self.device == "cuda" else plan.learner
+        selection = select(plan.n_select, kind=m.contract.kind, learner=learner, reference=reference,
                            options=plan.options, seed=plan.seed)
         indices = selection.indices
         if not np.isfinite(selection.mean_score_all) or not _distinct(indices, plan.learner.batch_size):

@@ -1,7 +1,10 @@
 """Reference models: one ONNX Runtime session per model, checked against the contract.
 
-The CUDA provider (with IOBinding, so outputs land in host memory in one copy) is used
-when onnxruntime-gpu sees a GPU; otherwise the CPU provider.
+By default the CUDA provider (with IOBinding, so outputs land in host memory in one
+copy) is used when onnxruntime-gpu sees a GPU; otherwise the CPU provider. With
+``device="cuda"`` inputs are copied to the GPU once and outputs stay there, returned
+as CuPy arrays (server/device.py); ``device="cpu"`` uses the CPU provider only.
+float16 models are accepted: their outputs are widened where selection needs it.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import numpy as np
 import onnxruntime as ort
 
 from jest_stream.contract import ContractError, ModelContract, ModelSpec, TensorSpec, model_version
+
+from . import device as devices
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +36,25 @@ def _spec(arg) -> TensorSpec:
     return TensorSpec(arg.name, np.dtype(dtype), shape)
 
 
-def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, then CPU."""
+def default_providers(device: str | None = None, device_id: int = 0) -> list:
+    """The providers for ``device``: CPU only, CUDA (on ``device_id``) then CPU, or, with
+    no device named, CUDA first when this onnxruntime build has it, then CPU."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        return [(devices.CUDA_PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"]
     available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return [p for p in (devices.CUDA_PROVIDER, "CPUExecutionProvider") if p in available]
 
 
 class ReferenceModel:
     """A frozen reference model in ONNX Runtime: load, check the contract, run on numpy."""
 
     def __init__(self, name: str, path: str | os.PathLike, *, intra_op_threads: int | None = None,
-                 inter_op_threads: int | None = None, providers: Sequence[str] | None = None):
+                 inter_op_threads: int | None = None, providers: Sequence[str] | None = None,
+                 device: str | None = None, device_id: int = 0):
         self.name = name
+        self.device, self.device_id = device, device_id
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"--model {name}={self.path}: no such file")
@@ -52,7 +64,7 @@ class ReferenceModel:
             options.intra_op_num_threads = intra_op_threads
         if inter_op_threads:
             options.inter_op_num_threads = inter_op_threads
-        self.providers = list(providers) if providers else default_providers()
+        self.providers = list(providers) if providers else default_providers(device, device_id)
         try:
             self.session = ort.InferenceSession(self.path, sess_options=options, providers=self.providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
@@ -69,7 +81,11 @@ class ReferenceModel:
                                     "the first axis must be a dynamic batch axis")
         self.spec = ModelSpec(name, self.contract.kind, tuple(self.inputs), tuple(self.outputs), self.version,
                               self.contract.logit_scale, self.contract.logit_bias)
-        self.use_iobinding = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.use_iobinding = self.session.get_providers()[0] == devices.CUDA_PROVIDER
+        if device == "cuda" and not self.use_iobinding:
+            raise devices.DeviceUnavailable(f"--device cuda: model {name!r} did not get the CUDA provider "
+                                            f"(ONNX Runtime gave {self.session.get_providers()})")
+        self._out_dtypes = {s.name: s.dtype for s in self.outputs}
         log.info("loaded model %s (%s, version %s) on %s", name, self.contract.kind, self.version,
                  self.session.get_providers()[0])
 
@@ -104,6 +120,8 @@ class ReferenceModel:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on a batch; returns the contract's outputs by name."""
         names = list(self.contract.outputs)
+        if self.device == "cuda":
+            return self._run_on_device(inputs, names)
         if self.use_iobinding:
             binding = self.session.io_binding()
             for name, arr in inputs.items():
@@ -115,3 +133,16 @@ class ReferenceModel:
         else:
             values = self.session.run(names, {k: np.ascontiguousarray(v) for k, v in inputs.items()})
         return dict(zip(names, values))
+
+    def _run_on_device(self, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict:
+        """Inputs copied to the GPU once, outputs bound there: CuPy views, no host copy."""
+        binding = self.session.io_binding()
+        for name, arr in inputs.items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(devices.to_host(arr)), "cuda",
+                                                     self.device_id)
+            binding.bind_ortvalue_input(name, value)
+        for name in names:
+            binding.bind_output(name, "cuda", self.device_id)
+        self.session.run_with_iobinding(binding)
+        return {name: devices.ortvalue_to_cupy(value, self._out_dtypes[name], self.device_id)
+                for name, value in zip(names, binding.get_outputs())}
