@@ -116,3 +116,15 @@ def test_bad_placement_is_refused_naming_the_option(per_example_model, digits):
         JESTLoader(data, score_fn("per_example"), None)
     with pytest.raises(ValueError, match="select_on: reference='batch' selects on the trainer"):
         JESTLoader(data, score_fn("per_example"), None, select_on="scorer", reference="batch")
+
+
+def test_trainer_step_bench_runs_the_batch_reference_path(capsys):
+    import json
+
+    from jest_stream.cli import main
+
+    assert main(["bench", "trainer-step", "--sizes", "256", "--dim", "16", "--repeats", "1", "--json"]) == 0
+    cases = json.loads(capsys.readouterr().out)["cases"]
+    assert [(c["kind"], c["B"], c["b"], c["device"]) for c in cases] == [
+        ("sigmoid_contrastive", 256, 51, "cpu"), ("softmax_contrastive", 256, 51, "cpu")]
+    assert all(c["step_ms"] > 0 for c in cases)
