@@ -57,7 +57,8 @@ def _one(batch: Any, name: str, size: int) -> str:
     rows = _texts(field(batch, name), name, size)
     distinct = sorted(set(rows))
     if len(distinct) != 1:
-        shown = ", ".join(repr(v) for v in distinct[:3]) + (f" and {len(distinct) - 3} more" if len(distinct) > 3 else "")
+        more = f" and {len(distinct) - 3} more" if len(distinct) > 3 else ""
+        shown = ", ".join(repr(v) for v in distinct[:3]) + more
         raise ScorerRejected(f"reference='batch': the samples of one super-batch record different "
                              f"{PREFIX}{name} values ({shown}); their reference outputs come from different "
                              "models: rewrite the shards with one model")

@@ -113,6 +113,18 @@ def all_finite(learner: LearnerScores) -> bool:
             and bool(np.isfinite(learner.logit_scale)) and bool(np.isfinite(learner.logit_bias)))
 
 
+def on_host(learner: LearnerScores) -> LearnerScores:
+    """The learner's scores as host numpy arrays (torch tensors on any device copied off it),
+    as a scorer-side selection sends them; numpy arrays pass as they are."""
+    if isinstance(learner, Losses):
+        v = learner.values
+        return Losses(v.detach().cpu().numpy()) if isinstance(v, torch.Tensor) else learner
+    if not isinstance(learner.image, torch.Tensor) and not isinstance(learner.text, torch.Tensor):
+        return learner
+    zi, zt = (_numpy32(z) if isinstance(z, torch.Tensor) else z for z in (learner.image, learner.text))
+    return Embeddings(zi, zt, learner.logit_scale, learner.logit_bias)
+
+
 def as_learner_scores(value: Any) -> LearnerScores:
     """What a ``score_fn`` returned, as Losses or Embeddings.
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from jest_stream.client.learner import on_host
 from jest_stream.client.scorer import (InputsFn, KeyMemory, ReferenceOutputs, ScorerRejected, ScorerUnavailable,
                                        SelectCall)
 from jest_stream.contract import ModelSpec
@@ -103,8 +104,9 @@ class LocalScorer:
     def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
         engine = self.engine
         keys = list(call.keys) if call.keys else None
+        learner = on_host(call.learner)  # scorer-side selection runs on the host
         return self._cached_call(call.model, keys, call.inputs, lambda inputs: engine.select(
-            call.model, learner=call.learner, n_select=call.n_select, keys=keys, inputs=inputs,
+            call.model, learner=learner, n_select=call.n_select, keys=keys, inputs=inputs,
             options=call.options, seed=call.seed))
 
     def reference(self, model: str, job_id: str, keys: Sequence[str] | None, inputs: InputsFn | None,

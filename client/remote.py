@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 
 from jest_stream import codec, wire
+from jest_stream.client.learner import on_host
 from jest_stream.client.scorer import (InputsFn, KeyMemory, ReferenceOutputs, ScorerRejected, ScorerUnavailable,
                                        SelectCall)
 from jest_stream.contract import ModelSpec
@@ -350,14 +351,13 @@ class RemoteScorer:
         return True
 
     def select_request(self, call: SelectCall, with_inputs: bool = True) -> pb.SelectRequest:
-        """The SelectRequest this scorer sends for ``call`` (the learner's embeddings as
-        ``embeddings_dtype``; the reference inputs unless ``with_inputs`` is False)."""
+        """The SelectRequest sent for ``call`` (embeddings as ``embeddings_dtype``; inputs if ``with_inputs``)."""
         request = pb.SelectRequest(model=call.model, job_id=call.job_id, keys=list(call.keys or ()),
                                    n_select=int(call.n_select))
         wire.options_to_proto(call.options, request)
         if call.seed is not None:
             request.seed = int(call.seed)
-        wire.learner_to_proto(call.learner, request.learner, self.embeddings_dtype)
+        wire.learner_to_proto(on_host(call.learner), request.learner, self.embeddings_dtype)
         if with_inputs and call.inputs is not None:
             codec.encode_map(call.inputs(), request.inputs)
         return request

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from jest_stream import (JESTLoader, LocalScorer, RemoteScorer, per_example_cross_entropy,
                          sigmoid_contrastive_embeddings, softmax_contrastive_embeddings)
-from jest_stream.outputs import Losses
+from jest_stream.outputs import Embeddings, Losses
 
 from conftest import TwoTower, text_view
 
@@ -73,6 +73,23 @@ def test_trainer_and_scorer_side_agree_with_a_local_scorer(models, digits, kind,
     assert on_trainer.stats.cache_hits >= len(data)  # epoch 2 came from the reference cache
 
 
+@pytest.mark.parametrize("kind", ["sigmoid_contrastive", "softmax_contrastive"])
+def test_torch_learner_embeddings_select_where_they_are(models, digits, kind):
+    """score_fn returns the learner's torch tensors: the trainer selects on them (in torch
+    where the core supports it), the scorer side gets them as host arrays; the picks agree."""
+    tower = TwoTower.build(seed=11)
+    bias = -4.0 if kind == "sigmoid_contrastive" else 0.0
+    as_tensors = lambda b: Embeddings(*tower(b["image"], b["text"]), 8.0, bias)  # noqa: E731
+    data = Pairs(digits)
+    common = dict(filter_ratio=F, seed=5, n_chunks=4, score_gain=2.0)
+    with LocalScorer(models[kind], name="ref", intra_op_threads=1) as scorer:
+        on_scorer = keys_per_step(JESTLoader(DataLoader(data, batch_size=B), as_tensors, scorer, **common))
+        on_trainer = keys_per_step(JESTLoader(DataLoader(data, batch_size=B), as_tensors, scorer,
+                                              select_on="trainer", **common))
+    overlap = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(on_scorer, on_trainer)])
+    assert len(on_scorer) == len(on_trainer) == 10 and overlap >= 0.99
+
+
 def test_trainer_and_scorer_side_agree_with_a_real_server(start_server, models, digits):
     server = start_server({"pe": models["per_example"], "sig": models["sigmoid_contrastive"]})
     data = Pairs(digits)
@@ -96,7 +113,6 @@ def test_trainer_and_scorer_side_agree_with_a_real_server(start_server, models, 
 
 def test_trainer_side_reference_outputs_follow_the_learner():
     from jest_stream.client.trainer_select import place_like
-    from jest_stream.outputs import Embeddings
 
     ref = Embeddings(np.ones((4, 2), np.float32), np.ones((4, 2), np.float32), 2.0, -1.0)
     torch_learner = Embeddings(torch.zeros(4, 2), torch.zeros(4, 2))
