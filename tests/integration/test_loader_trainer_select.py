@@ -12,7 +12,7 @@ from jest_stream import (JESTLoader, LocalScorer, RemoteScorer, per_example_cros
                          sigmoid_contrastive_embeddings, softmax_contrastive_embeddings)
 from jest_stream.outputs import Embeddings, Losses
 
-from conftest import TwoTower, text_view
+from support import TwoTower, text_view
 
 B, F = 128, 0.75
 

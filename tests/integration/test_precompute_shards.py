@@ -20,7 +20,7 @@ from jest_stream.client.batch_reference import BatchReference
 from jest_stream.client.scorer import ScorerRejected
 from jest_stream.contract import model_version
 
-from conftest import TwoTower
+from support import TwoTower
 from test_precompute import digit_shards, pair_shards  # noqa: F401 - module fixtures
 
 B = 100

@@ -19,7 +19,7 @@ from jest_stream.server.device import DeviceUnavailable, cuda_problem
 from jest_stream.server.engine import ScoringEngine
 from jest_stream.v1 import scorer_pb2 as pb
 
-from conftest import TwoTower, text_view
+from support import TwoTower, text_view
 
 CUDA = cuda_problem() is None
 needs_cuda = pytest.mark.skipif(not CUDA, reason=f"no CUDA here: {cuda_problem()}" if not CUDA else "")

@@ -16,7 +16,7 @@ from jest_stream.options import SelectOptions
 from jest_stream.server.engine import ScoringEngine
 from jest_stream.v1 import scorer_pb2 as pb
 
-from conftest import text_view
+from support import text_view
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
