@@ -147,7 +147,8 @@ def base_select(draw, *, scores=ALL_SCORES, keys=None, model=None, min_batch=1):
 
 
 def _bad_dtype_code(draw):
-    return draw(st.one_of(st.just(0), st.integers(8, 2**31 - 1), st.integers(-2**31, -1)))
+    past_last = max(pb.DataType.values()) + 1  # DT_BFLOAT16 (8) is the last valid code
+    return draw(st.one_of(st.just(0), st.integers(past_last, 2**31 - 1), st.integers(-2**31, -1)))
 
 
 @st.composite
