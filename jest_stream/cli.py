@@ -23,6 +23,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "server": ("jest_stream.bench.server", "served vs in-process throughput, cache hits, concurrency, fairness"),
     "loader": ("jest_stream.bench.loader", "JESTLoader overhead, local and remote"),
     "soak": ("jest_stream.bench.soak", "16 jobs against one scorer: errors, latency, memory growth"),
+    "wire": ("jest_stream.bench.wire", "bytes and selection overlap of float16/bfloat16 learner embeddings"),
     "trainer-step": ("jest_stream.bench.trainer_step", "trainer-side selection step (select_on='trainer')"),
 }
 

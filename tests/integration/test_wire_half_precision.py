@@ -109,3 +109,17 @@ def test_half_wire_select_end_to_end(start_module_server, sigmoid_model, digits,
                                   seed=seed)
             np.testing.assert_array_equal(served.indices, local.indices)
             assert served.model_version == engine.models["sig"].version
+
+
+def test_wire_bench_reports_bytes_and_overlaps(capsys):
+    import json
+
+    from jest_stream.cli import main
+
+    assert main(["bench", "wire", "--batch", "256", "--dim", "16", "--seeds", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["b"] == 51 and result["bytes"]["float16"] == result["bytes"]["bfloat16"] < result["bytes"]["float32"]
+    assert set(result["overlap"]) == {"sigmoid_contrastive", "softmax_contrastive"}
+    for by_wire in result["overlap"].values():
+        assert set(by_wire) == {"float16", "bfloat16"}
+        assert all(0.0 <= o["topk"] <= 1.0 and o["joint_min"] <= o["joint_mean"] for o in by_wire.values())
