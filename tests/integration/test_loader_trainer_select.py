@@ -12,7 +12,7 @@ from jest_stream import (JESTLoader, LocalScorer, RemoteScorer, per_example_cros
                          sigmoid_contrastive_embeddings, softmax_contrastive_embeddings)
 from jest_stream.outputs import Embeddings, Losses
 
-from support import TwoTower, text_view
+from support import TwoTower, refusing_port, text_view
 
 B, F = 128, 0.75
 
@@ -144,3 +144,14 @@ def test_trainer_step_bench_runs_the_batch_reference_path(capsys):
     assert [(c["kind"], c["B"], c["b"], c["device"]) for c in cases] == [
         ("sigmoid_contrastive", 256, 51, "cpu"), ("softmax_contrastive", 256, 51, "cpu")]
     assert all(c["step_ms"] > 0 for c in cases)
+
+
+def test_trainer_side_falls_back_when_the_scorer_is_down(digits):
+    data = Pairs(digits, 256)
+    with RemoteScorer(f"127.0.0.1:{refusing_port()}", timeout=1.0, max_attempts=1) as down:
+        loader = JESTLoader(DataLoader(data, batch_size=B), score_fn("per_example"), down, select_on="trainer",
+                            filter_ratio=F, seed=1, retry_after=0.0)
+        subs = [sub for sub in loader]
+    assert [len(s["__key__"]) for s in subs] == [32, 32]
+    assert loader.stats.fallbacks == 2 and set(loader.stats.fallback_reasons) <= {"scorer_unavailable",
+                                                                                  "scorer_down"}
