@@ -70,6 +70,14 @@ def test_device_cuda_without_cuda_says_so_in_one_line(sigmoid_model):
         ScoringEngine({"ref": sigmoid_model}, device="tpu")
 
 
+def test_a_bad_device_from_the_environment_names_the_variable(sigmoid_model):
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "jest_stream.server", "--model", f"ref={sigmoid_model}"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "JEST_DEVICE": "tpu"})
+    assert proc.returncode != 0 and "--device: 'tpu' is not one of cpu, cuda (JEST_DEVICE)" in proc.stderr
+
+
 def test_device_cpu_serves_on_the_cpu_provider(start_server, sigmoid_model):
     server = start_server({"ref": sigmoid_model}, "--device", "cpu")
     assert "CPUExecutionProvider" in server.log()
