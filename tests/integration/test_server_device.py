@@ -4,6 +4,7 @@ widened for selection), and, on a CUDA host only (marked ``gpu``), a GPU scorer 
 as the CPU one does."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -71,8 +72,6 @@ def test_device_cuda_without_cuda_says_so_in_one_line(sigmoid_model):
 
 
 def test_a_bad_device_from_the_environment_names_the_variable(sigmoid_model):
-    import os
-
     proc = subprocess.run([sys.executable, "-m", "jest_stream.server", "--model", f"ref={sigmoid_model}"],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "JEST_DEVICE": "tpu"})
     assert proc.returncode != 0 and "--device: 'tpu' is not one of cpu, cuda (JEST_DEVICE)" in proc.stderr
