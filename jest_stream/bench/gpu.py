@@ -101,6 +101,26 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _trainer_step(args: argparse.Namespace, start: float, skipped: list) -> list[dict]:
+    """The trainer-side selection step (select_on="trainer") on the torch device, at the
+    smallest size, while the budget lasts (jest_stream.bench.trainer_step)."""
+    if "torch" not in args.backends:
+        return []
+    if time.monotonic() - start >= args.budget_s:
+        skipped.append({"backend": "torch", "kind": "trainer_step", "B": min(args.sizes),
+                        "why": "time budget spent"})
+        return []
+    from jest_stream.bench.trainer_step import trainer_step_cases
+
+    steps = trainer_step_cases((min(args.sizes),), args.dim, args.device, repeats=args.repeats,
+                               filter_ratio=args.filter_ratio)
+    if not args.json:
+        for c in steps:
+            print(f"trainer step {c['kind']:<20} B={c['B']:>7} on {c['device']}: {c['step_ms']:.1f} ms "
+                  f"(reference copy {c['copy_ms']:.2f} ms)", flush=True)
+    return steps
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     limiter = limit_threads(args.threads, args.backends)  # noqa: F841 (held for the run)
@@ -119,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             c = cases[-1]
             print(f"{c['backend']:>6} {c['kind']:<20} B={c['B']:>7} b={c['b']:>6} "
                   f"{c['ms']:>10.1f} ms  floor {c['floor_ms']:>10.1f} ms  x{c['vs_floor']:.2f}", flush=True)
-    result = {"cases": cases, "skipped": skipped, "wall_s": round(time.monotonic() - start, 1)}
+    result = {"cases": cases, "skipped": skipped, "trainer_step": _trainer_step(args, start, skipped),
+              "wall_s": round(time.monotonic() - start, 1)}
     if args.json:
         print(json.dumps(result))
     else:

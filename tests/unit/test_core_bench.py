@@ -40,10 +40,17 @@ def test_bench_gpu_runs_through_torch_on_the_cpu(capsys):
     assert got == {("torch", "sigmoid_contrastive"), ("torch", "softmax_contrastive"),
                    ("numpy", "sigmoid_contrastive"), ("numpy", "softmax_contrastive")}
     assert all(c["ms"] > 0 and c["floor_ms"] > 0 and c["b"] == round(0.2 * c["B"]) for c in out["cases"])
+    steps = out["trainer_step"]  # the trainer-side selection step, on the same torch device
+    assert [(c["kind"], c["B"], c["device"]) for c in steps] == [("sigmoid_contrastive", 384, "cpu"),
+                                                                 ("softmax_contrastive", 384, "cpu")]
+    assert all(c["step_ms"] > 0 for c in steps)
 
 
 def test_bench_gpu_skips_what_the_time_budget_leaves(capsys):
     assert main(["bench", "gpu", "--sizes", "256", "--dim", "8", "--device", "cpu", "--backends", "torch",
                  "--host-size", "0", "--repeats", "1", "--budget-s", "0", "--threads", "1", "--json"]) == 0
     out = _json(capsys)
-    assert out["cases"] == [] and [s["why"] for s in out["skipped"]] == ["time budget spent"] * 2
+    assert out["cases"] == [] and out["trainer_step"] == []
+    assert [(s["kind"], s["why"]) for s in out["skipped"]] == [
+        ("sigmoid_contrastive", "time budget spent"), ("softmax_contrastive", "time budget spent"),
+        ("trainer_step", "time budget spent")]
