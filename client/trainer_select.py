@@ -20,6 +20,7 @@ import torch
 
 from jest_stream.client.scorer import InputsFn, ReferenceOutputs, ScorerRejected, SelectCall
 from jest_stream.contract import OUTPUTS_BY_KIND, ModelSpec
+from jest_stream.diagnostics import loss_summary
 from jest_stream.options import check_name
 from jest_stream.outputs import Embeddings, Losses
 from jest_stream.selection import Selection, select
@@ -74,14 +75,16 @@ class TrainerSelect:
 
     def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
         spec = self.models()[call.model]
-        reference, ref = None, ReferenceOutputs({}, model_version=spec.version)
+        reference = host_reference = None
+        ref = ReferenceOutputs({}, model_version=spec.version)
         if call.options.needs_reference:
             ref = self.source.reference(call.model, call.job_id, call.keys, call.inputs, prefetched)
             missing = [name for name in OUTPUTS_BY_KIND[spec.kind] if name not in ref.outputs]
             if missing:
                 raise ScorerRejected(f"reference: outputs {sorted(ref.outputs)} lack {missing} of model "
                                      f"{spec.name!r}")
-            reference = place_like(spec.outputs_from(ref.outputs), call.learner)
+            host_reference = spec.outputs_from(ref.outputs)
+            reference = place_like(host_reference, call.learner)
         try:
             selection = select(call.n_select, kind=spec.kind, learner=call.learner, reference=reference,
                                options=call.options, seed=call.seed)
@@ -90,8 +93,10 @@ class TrainerSelect:
         if not np.isfinite(selection.mean_score_all):
             raise ScorerRejected("learner: the scores are not finite once combined with the reference "
                                  "(overflow); scale down the learner's outputs or score_gain")
+        # The loss diagnostics the scorer adds to its selections (the loader's ReferenceWatch reads them).
+        losses = loss_summary(spec.kind, call.learner if call.options.needs_learner else None, host_reference)
         return dataclasses.replace(selection, cache_hits=ref.cache_hits, cache_misses=ref.cache_misses,
-                                   model_version=ref.model_version)
+                                   model_version=ref.model_version, **losses.as_fields())
 
     def close(self) -> None:
         close = getattr(self.source, "close", None)

@@ -310,11 +310,12 @@ class ScoringEngine:
         if plan.reference is not None:
             ref = self.complete_reference(plan.reference, fresh, on_device=self.device == "cuda")
             reference = m.spec.outputs_from(ref.outputs)
-            if self.device == "cuda":  # selection on the GPU: CuPy arrays through the core's select
-                reference = devices.on_device(reference)
             hits, misses = ref.hits, ref.misses
-        learner = devices.on_device(plan.learner) if self.device == "cuda" else plan.learner
-        selection = select(plan.n_select, kind=m.contract.kind, learner=learner, reference=reference,
+        learner, placed = plan.learner, reference
+        if self.device == "cuda":  # selection on the GPU: CuPy arrays through the core's select
+            learner = devices.on_device(learner)
+            placed = None if reference is None else devices.on_device(reference)
+        selection = select(plan.n_select, kind=m.contract.kind, learner=learner, reference=placed,
                            options=plan.options, seed=plan.seed)
         indices = selection.indices
         if not np.isfinite(selection.mean_score_all) or not _distinct(indices, plan.learner.batch_size):

@@ -71,6 +71,9 @@ def test_trainer_and_scorer_side_agree_with_a_local_scorer(models, digits, kind,
     for loader in (on_scorer, on_trainer):
         assert loader.stats.fallbacks == 0 and loader.stats.mean_score > loader.stats.mean_score_all
     assert on_trainer.stats.cache_hits >= len(data)  # epoch 2 came from the reference cache
+    # The same loss diagnostics (what the loader's reference watch reads) on both sides.
+    for name in ("mean_learner_loss", "mean_reference_loss", "mean_reference_above"):
+        assert getattr(on_trainer.stats, name) == pytest.approx(getattr(on_scorer.stats, name), rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["sigmoid_contrastive", "softmax_contrastive"])
