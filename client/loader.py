@@ -115,7 +115,10 @@ class JESTLoader:
     default) or a function batch -> keys; without keys the scorer's reference cache
     is not used and reference inputs are sent every step. ``reference_inputs``:
     function batch -> {model input name: array}; by default, dict fields named like
-    the model's inputs, or a tuple batch's items in input order.
+    the model's inputs, or a tuple batch's items in input order. ``dataset``: the name
+    of the dataset the keys belong to (printable ASCII, at most 128 characters); jobs
+    naming the same dataset share the scorer's cached reference outputs, and a loader
+    naming none gets a cache namespace private to its job.
 
     Resuming (``state_dict``/``load_state_dict``) needs ``loader`` to yield the same
     super-batches in the same order when iterated again (a seeded sampler), unless it
@@ -129,7 +132,11 @@ class JESTLoader:
                  key: str | Callable[[Any], Any] | None = "__key__",
                  reference_inputs: Callable[[Any], Mapping[str, Any]] | None = None,
                  prefetch: bool = True, fallback: str = "uniform", retry_after: float = 2.0,
-                 job: str | None = None, log_every: int = 0, reference_watch: ReferenceWatch | None = ReferenceWatch()):
+                 job: str | None = None, log_every: int = 0, reference_watch: ReferenceWatch | None = ReferenceWatch(),
+                 dataset: str = ""):
+        if not isinstance(dataset, str):
+            raise TypeError(f"dataset: expected a str name, got {type(dataset).__name__}")
+        self.dataset = dataset
         self.options = SelectOptions(score=score, sampler=sampler, n_chunks=n_chunks, score_gain=score_gain)
         check_name(fallback, FALLBACKS, "fallback")
         if not 0.0 <= filter_ratio < 1.0:
@@ -266,7 +273,8 @@ class JESTLoader:
         if self.prefetch and keys and not (self.fallback == "uniform" and self._breaker.is_open()):
             try:
                 spec = self._model_spec()
-                item.prefetched = self._scorer.prefetch(spec.name, self.job_id, keys, item.inputs)
+                item.prefetched = self._scorer.prefetch(spec.name, self.job_id, keys, item.inputs,
+                                                        dataset=self.dataset)
             except ScorerUnavailable as exc:  # the Select will fall back; counted there
                 log.debug("reference prefetch failed: %s", exc)
                 item.prefetch_error = str(exc)
@@ -333,7 +341,8 @@ class JESTLoader:
             spec = self._model_spec()
             outcome = self._scorer.select(SelectCall(
                 model=spec.name, job_id=self.job_id, learner=learner, n_select=n_select,
-                keys=item.keys, inputs=item.inputs, options=self.options, seed=seed), item.prefetched)
+                keys=item.keys, inputs=item.inputs, options=self.options, seed=seed, dataset=self.dataset),
+                item.prefetched)
         except ScorerUnavailable as exc:
             self._breaker.trip(exc)
             if self.fallback == "raise":

@@ -71,36 +71,42 @@ class LocalScorer:
             self._models = {spec.name: spec for spec in engine.list_models()}
         return self._models
 
-    def prefetch(self, model: str, job_id: str, keys: Sequence[str], inputs: InputsFn) -> None:
+    def prefetch(self, model: str, job_id: str, keys: Sequence[str], inputs: InputsFn,
+                 dataset: str = "") -> None:
         return None
 
     def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
         engine = self.engine
+        from jest_stream.server.engine import NotCached as EngineNotCached
+        from jest_stream.server.names import check_name, namespace
+
         keys = list(call.keys) if call.keys else None
+        dataset = namespace(check_name(call.dataset, "dataset"), call.job_id)
+        known = f"{call.model}\0{dataset}"
         # Keys this engine has cached need no inputs (nor their conversion and checks).
-        omit = keys is not None and call.inputs is not None and self._known.has_all(call.model, keys)
+        omit = keys is not None and call.inputs is not None and self._known.has_all(known, keys)
         inputs = None if omit or call.inputs is None else call.inputs()  # the caller's errors stay its own
         try:
             try:
-                result = self._select(engine, call, keys, inputs)
-            except ValueError:
+                result = self._select(engine, call, keys, inputs, dataset)
+            except EngineNotCached:
                 if not omit:
                     raise
-                self._known.forget(call.model)  # evicted: run again with the inputs
-                result = self._select(engine, call, keys, call.inputs())
+                self._known.forget(known)  # evicted: run again with the inputs
+                result = self._select(engine, call, keys, call.inputs(), dataset)
         except (ValueError, KeyError) as exc:
             raise ScorerRejected(f"local scorer refused the request: {exc}") from exc
         except Exception as exc:  # ORT runtime failures and the like: the fallback's case
             raise ScorerUnavailable(f"local scorer failed: {type(exc).__name__}: {exc}") from exc
         if keys:
-            self._known.add(call.model, keys, result.model_version)
+            self._known.add(known, keys, result.model_version)
         return result
 
     @staticmethod
     def _select(engine: Any, call: SelectCall, keys: list[str] | None,
-                inputs: dict[str, np.ndarray] | None) -> Any:
+                inputs: dict[str, np.ndarray] | None, dataset: str) -> Any:
         return engine.select(call.model, learner=call.learner, n_select=call.n_select, keys=keys,
-                             inputs=inputs, options=call.options, seed=call.seed)
+                             inputs=inputs, options=call.options, seed=call.seed, dataset=dataset)
 
     def close(self) -> None:
         with self._lock:

@@ -17,8 +17,10 @@ connection is re-established by gRPC in the background.
 Bandwidth: with a single-address target the client remembers which keys it has
 already sent to the server (by a successful Reference or Select), and sends Selects
 for such super-batches without their inputs; if the server evicted them it answers
-INVALID_ARGUMENT and the Select is resent with inputs. With several replicas behind
-the target each may hold different keys, so inputs are always sent.
+FAILED_PRECONDITION with the trailing-metadata signal ``jest-not-cached`` and the
+Select is resent with inputs (on that signal only; a message is never parsed). With
+several replicas behind the target each may hold different keys, so inputs are
+always sent.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from typing import Any
 import grpc
 
 from jest_stream import codec, wire
-from jest_stream.client.scorer import InputsFn, KeyMemory, ScorerRejected, ScorerUnavailable, SelectCall
+from jest_stream.client.scorer import (InputsFn, KeyMemory, NotCached, ScorerRejected, ScorerUnavailable,
+                                      SelectCall)
 from jest_stream.contract import ModelSpec
 from jest_stream.selection import Selection
 from jest_stream.v1 import scorer_pb2 as pb
@@ -54,6 +57,13 @@ TRANSIENT = frozenset({
     grpc.StatusCode.CANCELLED,
 })
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+NOT_CACHED_KEY = "jest-not-cached"  # the server's "send the inputs" signal (trailing metadata)
+
+
+def _not_cached(exc: grpc.RpcError) -> bool:
+    trailing = exc.trailing_metadata() if callable(getattr(exc, "trailing_metadata", None)) else None
+    return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and any(
+        key == NOT_CACHED_KEY for key, _ in (trailing or ()))
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -141,6 +151,12 @@ class _Prefetch:
     future: grpc.Future
     model: str
     keys: list[str]
+
+
+def _known_as(model: str, dataset: str, job_id: str) -> str:
+    """The KeyMemory name of a model's keys of one dataset (keys are unique only within one;
+    a call naming none has its job's own)."""
+    return f"{model}\0{dataset}" if dataset else f"{model}\0\0{job_id}"
 
 
 _LIVE: weakref.WeakSet[RemoteScorer] = weakref.WeakSet()
@@ -272,6 +288,8 @@ class RemoteScorer:
         message = f"scorer {self.target!r}: {what} failed with {code.name}: {details}"
         if code in TRANSIENT:
             return ScorerUnavailable(message)
+        if _not_cached(exc):
+            return NotCached(message)
         return ScorerRejected(message)
 
     def _call(self, method: str, request: Any) -> Any:
@@ -292,14 +310,16 @@ class RemoteScorer:
         return self._models
 
     def prefetch(self, model: str, job_id: str, keys: Sequence[str],
-                 inputs: InputsFn) -> _Prefetch | None:
+                 inputs: InputsFn, dataset: str = "") -> _Prefetch | None:
         """Send a Reference request (return_outputs=false) for keys not known to be
         cached; returns its future, or None when there is nothing to send."""
-        if not keys or (self._omit and self._known.has_all(model, keys)):
+        known = _known_as(model, dataset, job_id)
+        if not keys or (self._omit and self._known.has_all(known, keys)):
             return None
-        request = pb.ReferenceRequest(model=model, job_id=job_id, keys=list(keys), return_outputs=False)
+        request = pb.ReferenceRequest(model=model, job_id=job_id, keys=list(keys), return_outputs=False,
+                                      dataset=dataset)
         codec.encode_map(inputs(), request.inputs)
-        return _Prefetch(self._submit("Reference", request), model, list(keys))
+        return _Prefetch(self._submit("Reference", request), known, list(keys))
 
     def _prefetched(self, handle: _Prefetch | None) -> bool:
         """True once the prefetch for these keys succeeded (they are in the cache)."""
@@ -315,10 +335,12 @@ class RemoteScorer:
 
     def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
         keys = list(call.keys) if call.keys else []
+        known = _known_as(call.model, call.dataset, call.job_id)
         was_prefetched = self._prefetched(prefetched)
         omit = bool(keys) and bool(self._omit) and call.inputs is not None and (
-            was_prefetched or self._known.has_all(call.model, keys))
-        request = pb.SelectRequest(model=call.model, job_id=call.job_id, keys=keys, n_select=int(call.n_select))
+            was_prefetched or self._known.has_all(known, keys))
+        request = pb.SelectRequest(model=call.model, job_id=call.job_id, keys=keys, n_select=int(call.n_select),
+                                   dataset=call.dataset)
         wire.options_to_proto(call.options, request)
         if call.seed is not None:
             request.seed = int(call.seed)
@@ -327,15 +349,15 @@ class RemoteScorer:
             codec.encode_map(call.inputs(), request.inputs)
         try:
             reply = self._call("Select", request)
-        except ScorerRejected:
+        except NotCached:
             if not omit:
                 raise
             # Keys were evicted from the server's cache (or never got there): send inputs.
-            self._known.forget(call.model)
+            self._known.forget(known)
             codec.encode_map(call.inputs(), request.inputs)
             reply = self._call("Select", request)
         if keys:
-            self._known.add(call.model, keys, reply.model_version)
+            self._known.add(known, keys, reply.model_version)
         return wire.selection_from_proto(reply)
 
     def close(self) -> None:

@@ -168,10 +168,12 @@ def batches(samples: Iterable[tuple[str, dict[str, bytes]]], inputs: dict[str, n
 
 def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | os.PathLike, *,
                batch_size: int = 256, intra_op_threads: int | None = 1, progress: bool = True,
-               limit: int | None = None) -> dict[str, int | str]:
+               limit: int | None = None, dataset: str) -> dict[str, int | str]:
     """Run the reference model over every sample of ``shards`` not yet in the cache file
-    ``out`` and append their outputs to it. Returns counts: written, skipped (already in
-    the file), total samples read, and the model version.
+    ``out`` and append their outputs to it, recorded as keys of ``dataset`` (requests
+    naming that dataset hit them). Returns counts: written, skipped (already in the
+    file), non-finite (outputs NaN or inf: never written), total samples read, and the
+    model version.
 
     ``limit`` stops after writing that many records (tests use it to simulate an
     interrupted run; a killed process leaves the same kind of file).
@@ -180,8 +182,13 @@ def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | 
 
     from jest_stream.cachefile import CacheFileWriter
     from jest_stream.contract import model_version
+    from jest_stream.server.cacheload import nonfinite_rows
     from jest_stream.server.models import ReferenceModel
+    from jest_stream.server.names import check_name
 
+    check_name(dataset, "--dataset")
+    if not dataset:
+        raise ValueError("--dataset: name the dataset the shards' keys belong to (e.g. cc3m-train)")
     if batch_size < 1:
         raise ValueError(f"--batch-size: expected at least 1, got {batch_size}")
     paths = shard_paths(shards)
@@ -190,8 +197,8 @@ def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | 
     inputs = {spec.name: np.dtype(spec.dtype) for spec in model.inputs}
     outputs = list(model.contract.outputs)
     total = count_samples(paths) if progress else None
-    written = skipped = 0
-    with CacheFileWriter(out, version, resume=True) as writer:
+    written = skipped = nonfinite = 0
+    with CacheFileWriter(out, version, dataset=dataset, resume=True) as writer:
         already = frozenset(writer.keys)
         log.info("%s: %d record(s) already there (model version %s); %d shard(s) to read",
                  out, len(already), version, len(paths))
@@ -207,8 +214,11 @@ def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | 
                     keys = keys[:limit - written]
                     arrays = {n: v[:len(keys)] for n, v in arrays.items()}
                 result = model.run(arrays)
+                bad = set(nonfinite_rows(result, len(keys)).tolist())
+                nonfinite += len(bad)
                 for row, key in enumerate(keys):
-                    writer.add(key, {name: result[name][row] for name in outputs})
+                    if row not in bad:
+                        writer.add(key, {name: result[name][row] for name in outputs})
                 writer.flush()
                 written += len(keys)
                 bar.update(len(keys))
@@ -216,8 +226,11 @@ def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | 
                     break
         finally:
             bar.close()
-    log.info("%s: wrote %d record(s), skipped %d already there", out, written, skipped)
-    return {"written": written, "skipped": skipped, "read": written + skipped, "model_version": version}
+    if nonfinite:
+        log.warning("%s: %d sample(s) gave non-finite reference outputs; not written", out, nonfinite)
+    log.info("%s: wrote %d record(s), skipped %d already there", out, written - nonfinite, skipped)
+    return {"written": written - nonfinite, "skipped": skipped, "nonfinite": nonfinite, "read": written + skipped,
+            "dataset": dataset, "model_version": version}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, nargs="+",
                    help="shard files: brace patterns ('train-{000..009}.tar'), globs or paths")
     p.add_argument("--out", required=True, help="the cache file to create or extend")
+    p.add_argument("--dataset", required=True,
+                   help="the dataset the shards' keys belong to (printable ASCII, at most 128 characters); "
+                        "clients naming it (JESTLoader(dataset=...)) hit these records")
     p.add_argument("--batch-size", type=int, default=256, help="samples per inference batch (default 256)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads (default: ORT's choice)")
@@ -245,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         counts = precompute(args.model, args.shards, args.out, batch_size=args.batch_size,
-                            intra_op_threads=args.threads, progress=not args.no_progress)
+                            intra_op_threads=args.threads, progress=not args.no_progress,
+                            dataset=args.dataset)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"jest-stream precompute: {message}", file=sys.stderr)
