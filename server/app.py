@@ -147,14 +147,20 @@ class ScoringServer:
 
     async def _stop(self, grace: float) -> None:
         log.info("draining (grace %.0fs)", grace)
+        loop = asyncio.get_running_loop()
         await self.health.enter_graceful_shutdown()
         if self.servicer is not None and grace > 0:
             # new calls get UNAVAILABLE (clients retry them on another replica) while the
             # transport still takes them; then the server stops taking calls at all
             self.servicer.draining = True
             await asyncio.sleep(min(self.config.drain_s, grace))
+        if self.servicer is not None:
+            deadline = loop.time() + max(0.0, grace - self.config.drain_s - 0.5)
+            while self.servicer.inflight and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            await self.servicer.cut_inflight()  # what is left gets UNAVAILABLE, not CANCELLED
         if self.server is not None:
-            await self.server.stop(grace)
+            await self.server.stop(0.5)
         if self.batcher is not None:
             await self.batcher.stop()
         if self.servicer is not None:

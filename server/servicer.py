@@ -60,6 +60,17 @@ class ScorerServicer(pb_grpc.ScorerServicer):
         self.inflight = 0
         self.arriving = 0  # calls between admission and the batcher (they may bring rows)
         self.draining = False  # after SIGTERM: new calls get UNAVAILABLE (retry elsewhere)
+        self._steps: set[asyncio.Task] = set()  # the work of the calls in flight
+        self._cut = False  # the grace period ran out: cut calls get UNAVAILABLE
+
+    async def cut_inflight(self) -> None:
+        """Stop the work of every call still in flight, each answered UNAVAILABLE (retryable on
+        another replica) rather than the transport's CANCELLED; called when the grace runs out."""
+        self._cut = True
+        for task in list(self._steps):
+            task.cancel()
+        while self._steps:
+            await asyncio.sleep(0.01)
 
     def attach(self, engine: ScoringEngine, batcher: Batcher) -> None:
         """Start answering with this engine (until then calls get UNAVAILABLE)."""
@@ -86,8 +97,18 @@ class ScorerServicer(pb_grpc.ScorerServicer):
                 "retry in 0.10s", 0.1))
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
+        step = asyncio.ensure_future(steps(request))
+        self._steps.add(step)
         try:
-            return await steps(request)
+            try:
+                return await step
+            finally:
+                self._steps.discard(step)
+        except asyncio.CancelledError:
+            if not self._cut:
+                raise
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server: shut down before this call finished; "
+                                "retry on another replica")
         except Overloaded as exc:
             await self._refuse(context, exc)
         except LimitExceeded as exc:
