@@ -115,10 +115,8 @@ class JESTLoader:
     default) or a function batch -> keys; without keys the scorer's reference cache
     is not used and reference inputs are sent every step. ``reference_inputs``:
     function batch -> {model input name: array}; by default, dict fields named like
-    the model's inputs, or a tuple batch's items in input order. ``dataset``: the name
-    of the dataset the keys belong to (printable ASCII, at most 128 characters); jobs
-    naming the same dataset share the scorer's cached reference outputs, and a loader
-    naming none gets a cache namespace private to its job.
+    the model's inputs, or a tuple batch's items in input order. ``dataset``: what the
+    keys belong to; jobs naming the same one share cached reference outputs (none: private).
 
     Resuming (``state_dict``/``load_state_dict``) needs ``loader`` to yield the same
     super-batches in the same order when iterated again (a seeded sampler), unless it
@@ -132,11 +130,9 @@ class JESTLoader:
                  key: str | Callable[[Any], Any] | None = "__key__",
                  reference_inputs: Callable[[Any], Mapping[str, Any]] | None = None,
                  prefetch: bool = True, fallback: str = "uniform", retry_after: float = 2.0,
-                 job: str | None = None, log_every: int = 0, reference_watch: ReferenceWatch | None = ReferenceWatch(),
-                 dataset: str = ""):
-        if not isinstance(dataset, str):
-            raise TypeError(f"dataset: expected a str name, got {type(dataset).__name__}")
-        self.dataset = dataset
+                 job: str | None = None, log_every: int = 0,
+                 reference_watch: ReferenceWatch | None = ReferenceWatch(), dataset: str = ""):
+        self.dataset = str(dataset)  # checked by the scorer, where every request's names enter
         self.options = SelectOptions(score=score, sampler=sampler, n_chunks=n_chunks, score_gain=score_gain)
         check_name(fallback, FALLBACKS, "fallback")
         if not 0.0 <= filter_ratio < 1.0:
@@ -273,8 +269,7 @@ class JESTLoader:
         if self.prefetch and keys and not (self.fallback == "uniform" and self._breaker.is_open()):
             try:
                 spec = self._model_spec()
-                item.prefetched = self._scorer.prefetch(spec.name, self.job_id, keys, item.inputs,
-                                                        dataset=self.dataset)
+                item.prefetched = self._scorer.prefetch(spec.name, self.job_id, keys, item.inputs, self.dataset)
             except ScorerUnavailable as exc:  # the Select will fall back; counted there
                 log.debug("reference prefetch failed: %s", exc)
                 item.prefetch_error = str(exc)

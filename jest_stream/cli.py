@@ -23,6 +23,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "server": ("jest_stream.bench.server", "served vs in-process throughput, cache hits, concurrency, fairness"),
     "loader": ("jest_stream.bench.loader", "JESTLoader overhead, local and remote"),
     "soak": ("jest_stream.bench.soak", "16 jobs against one scorer: errors, latency, memory growth"),
+    "isolation": ("jest_stream.bench.isolation", "a good job beside floods, heavy jobs and unauthenticated "
+                  "giants: p99, RSS, wrong answers"),
 }
 
 

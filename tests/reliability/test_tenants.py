@@ -471,3 +471,17 @@ async def test_calls_cut_by_sigterm_get_a_retryable_status(start_server, sigmoid
         os.kill(server.proc.pid, signal.SIGTERM)
         await asyncio.gather(*callers)
     assert "CANCELLED" not in codes and "UNAVAILABLE" in codes, sorted(set(codes))
+
+
+def test_isolation_bench_runs_at_tiny_sizes(capsys):
+    """``jest-stream bench isolation`` end to end at tiny sizes (so that it cannot rot)."""
+    import json
+
+    from jest_stream.cli import main
+
+    main(["bench", "isolation", "--json", "--calls", "4", "--flood-tasks", "1", "--heavy-batch", "128",
+          "--unauth-mb", "2"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) >= {"p99_alone_ms", "p99_flood_ms", "p99_heavy_ms", "p99_unauth_ms", "rss_growth_mb",
+                           "wrong_answers"}
+    assert result["wrong_answers"] == 0
