@@ -112,11 +112,8 @@ def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str
     for i, name in enumerate(input_names):
         default = "labels" if kind == "per_example" and i == len(input_names) - 1 else "model input"
         meanings.setdefault(name, default)
-    extra = {}
-    if kind == "per_example":
-        classes = _num_classes(model, example_inputs)
-        if classes:
-            extra[NUM_CLASSES_KEY] = str(classes)
+    extra = {NUM_CLASSES_KEY: str(classes)} if kind == "per_example" and (
+        classes := _num_classes(model, example_inputs)) else {}
     contract = ModelContract(kind, {n: meanings[n] for n in input_names}, outputs, scale, bias, extra)
 
     path = os.fspath(path)

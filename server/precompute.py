@@ -182,13 +182,9 @@ def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | 
 
     from jest_stream.cachefile import CacheFileWriter
     from jest_stream.contract import model_version
-    from jest_stream.server.cacheload import nonfinite_rows
     from jest_stream.server.models import ReferenceModel
-    from jest_stream.server.names import check_name
 
-    check_name(dataset, "--dataset")
-    if not dataset:
-        raise ValueError("--dataset: name the dataset the shards' keys belong to (e.g. cc3m-train)")
+    _check_dataset(dataset)
     if batch_size < 1:
         raise ValueError(f"--batch-size: expected at least 1, got {batch_size}")
     paths = shard_paths(shards)
@@ -213,12 +209,7 @@ def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | 
                 if limit is not None and written + len(keys) > limit:
                     keys = keys[:limit - written]
                     arrays = {n: v[:len(keys)] for n, v in arrays.items()}
-                result = model.run(arrays)
-                bad = set(nonfinite_rows(result, len(keys)).tolist())
-                nonfinite += len(bad)
-                for row, key in enumerate(keys):
-                    if row not in bad:
-                        writer.add(key, {name: result[name][row] for name in outputs})
+                nonfinite += _write_finite(writer, keys, model.run(arrays), outputs)
                 writer.flush()
                 written += len(keys)
                 bar.update(len(keys))
@@ -231,6 +222,25 @@ def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | 
     log.info("%s: wrote %d record(s), skipped %d already there", out, written - nonfinite, skipped)
     return {"written": written - nonfinite, "skipped": skipped, "nonfinite": nonfinite, "read": written + skipped,
             "dataset": dataset, "model_version": version}
+
+
+def _check_dataset(dataset: str) -> None:
+    from jest_stream.server.names import check_name
+
+    check_name(dataset, "--dataset")
+    if not dataset:
+        raise ValueError("--dataset: name the dataset the shards' keys belong to (e.g. cc3m-train)")
+
+
+def _write_finite(writer, keys: Sequence[str], result: dict[str, np.ndarray], outputs: Sequence[str]) -> int:
+    """Append the rows whose outputs are finite; returns how many were not (never written)."""
+    from jest_stream.server.cacheload import nonfinite_rows
+
+    bad = set(nonfinite_rows(result, len(keys)).tolist())
+    for row, key in enumerate(keys):
+        if row not in bad:
+            writer.add(key, {name: result[name][row] for name in outputs})
+    return len(bad)
 
 
 def build_parser() -> argparse.ArgumentParser:
