@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "in ~1 ns units)", type=int, default=limits.max_select_work)
     add("--max-inflight-bytes", "request bytes the calls in flight may hold together (default: a quarter "
         "of the host's memory, at most 4 GiB)", type=int, default=default_inflight_bytes())
-    add("--heavy-workers", "threads for heavy selections, one per job at a time (default: workers / 2)",
+    add("--heavy-workers", "threads for heavy selections, one per job at a time (default: workers / 2, "
+        "at most cores - 1)",
         type=int)
     add("--log-level", "logging level", default="INFO")
     return p

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -53,8 +54,9 @@ class ScorerServicer(pb_grpc.ScorerServicer):
         self.metrics = metrics
         self.limits = limits
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jest-rpc")
-        # heavy selections: their own threads, one per job at a time (light work never waits on them)
-        self.lanes = SelectionLanes(self.pool, heavy_workers or max(1, workers // 2),
+        # heavy selections: their own threads, one per job at a time, a core left for light work
+        default_heavy = max(1, min(workers // 2, (os.cpu_count() or 2) - 1))
+        self.lanes = SelectionLanes(self.pool, heavy_workers or default_heavy,
                                     heavy_work=limits.max_select_work // 64)
         self.max_inflight = max_inflight
         self.inflight = 0
