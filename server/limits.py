@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from jest_stream import codec
 from jest_stream.options import DEFAULT_N_CHUNKS
 from jest_stream.v1 import scorer_pb2 as pb
 
@@ -35,6 +36,20 @@ def host_memory_bytes() -> int:
 def default_inflight_bytes() -> int:
     """Request bytes in flight at once by default: a quarter of the host's memory, at most 4 GiB."""
     return min(4 << 30, host_memory_bytes() // 4)
+
+
+def _dims(tensor: pb.Tensor) -> list[int]:
+    """A tensor's shape if it is well formed (its bytes match dtype x shape), else [] (the
+    decoder then refuses it with INVALID_ARGUMENT naming the field)."""
+    shape = [int(n) for n in tensor.shape]
+    try:
+        itemsize = codec.numpy_dtype(tensor.dtype).itemsize
+    except ValueError:
+        return []
+    count = 1
+    for n in shape:
+        count *= n
+    return shape if shape and min(shape) >= 0 and count * itemsize == len(tensor.data) else []
 
 
 def selection_work(kind: str, batch: int, n_select: int, width: int, n_chunks: int, sampler: str) -> int:
@@ -70,17 +85,16 @@ class RequestLimits:
     def check_select(self, request: pb.SelectRequest, kind: str) -> int:
         """Check a Select's sizes from its headers; return its estimated selection work."""
         learner = request.learner
-        tensor = learner.losses if kind == "per_example" else learner.image_embeds
-        shape = list(tensor.shape)
+        shape = _dims(learner.losses if kind == "per_example" else learner.image_embeds)
         batch = int(shape[0]) if shape else 0
         width = int(shape[1]) if kind != "per_example" and len(shape) > 1 else 1
         self.check_rows(batch, "learner")
         self.check_rows(len(request.keys), "keys")
         for name, t in request.inputs.items():
-            self.check_rows(int(t.shape[0]) if t.shape else 0, f"inputs[{name[:64]!r}]")
+            self.check_rows((_dims(t) or [0])[0], f"inputs[{name[:64]!r}]")
         if kind != "per_example":
             for field in ("image_embeds", "text_embeds"):
-                dims = list(getattr(learner, field).shape)
+                dims = _dims(getattr(learner, field))
                 if len(dims) > 1:
                     self._over(f"learner.{field} width d", int(dims[1]), self.max_embed_dim, "--max-embed-dim")
         n_chunks = int(request.n_chunks) or DEFAULT_N_CHUNKS
@@ -94,4 +108,4 @@ class RequestLimits:
         """Check a Reference request's row counts from its headers."""
         self.check_rows(len(request.keys), "keys")
         for name, t in request.inputs.items():
-            self.check_rows(int(t.shape[0]) if t.shape else 0, f"inputs[{name[:64]!r}]")
+            self.check_rows((_dims(t) or [0])[0], f"inputs[{name[:64]!r}]")
