@@ -115,8 +115,7 @@ class JESTLoader:
     default) or a function batch -> keys; without keys the scorer's reference cache
     is not used and reference inputs are sent every step. ``reference_inputs``:
     function batch -> {model input name: array}; by default, dict fields named like
-    the model's inputs, or a tuple batch's items in input order. ``dataset``: what the
-    keys belong to; jobs naming the same one share cached reference outputs (none: private).
+    the model's inputs, or a tuple batch's items in input order. ``dataset``: see SelectCall.
 
     Resuming (``state_dict``/``load_state_dict``) needs ``loader`` to yield the same
     super-batches in the same order when iterated again (a seeded sampler), unless it
@@ -129,10 +128,8 @@ class JESTLoader:
                  n_chunks: int = DEFAULT_N_CHUNKS, score_gain: float = 1.0, seed: int | None = None,
                  key: str | Callable[[Any], Any] | None = "__key__",
                  reference_inputs: Callable[[Any], Mapping[str, Any]] | None = None,
-                 prefetch: bool = True, fallback: str = "uniform", retry_after: float = 2.0,
-                 job: str | None = None, log_every: int = 0,
-                 reference_watch: ReferenceWatch | None = ReferenceWatch(), dataset: str = ""):
-        self.dataset = str(dataset)  # checked by the scorer, where every request's names enter
+                 prefetch: bool = True, fallback: str = "uniform", retry_after: float = 2.0, dataset: str = "",
+                 job: str | None = None, log_every: int = 0, reference_watch: ReferenceWatch | None = ReferenceWatch()):
         self.options = SelectOptions(score=score, sampler=sampler, n_chunks=n_chunks, score_gain=score_gain)
         check_name(fallback, FALLBACKS, "fallback")
         if not 0.0 <= filter_ratio < 1.0:
@@ -162,7 +159,7 @@ class JESTLoader:
         self.prefetch = bool(prefetch)
         self.fallback = fallback
         self._breaker = _Breaker(float(retry_after))
-        self._job = job
+        self._job, self.dataset = job, str(dataset)  # the keys' dataset: the scorer checks the name
         self.log_every = int(log_every)
         self.stats = LoaderStats()
         self._watcher = ReferenceWatcher(reference_watch)
@@ -334,10 +331,9 @@ class JESTLoader:
         started = time.perf_counter()
         try:
             spec = self._model_spec()
-            outcome = self._scorer.select(SelectCall(
+            outcome = self._scorer.select(SelectCall(dataset=self.dataset,
                 model=spec.name, job_id=self.job_id, learner=learner, n_select=n_select,
-                keys=item.keys, inputs=item.inputs, options=self.options, seed=seed, dataset=self.dataset),
-                item.prefetched)
+                keys=item.keys, inputs=item.inputs, options=self.options, seed=seed), item.prefetched)
         except ScorerUnavailable as exc:
             self._breaker.trip(exc)
             if self.fallback == "raise":
