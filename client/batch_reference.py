@@ -128,11 +128,11 @@ class BatchReference:
         return {self.name: self._spec}
 
     def prefetch(self, model: str, job_id: str, keys: Sequence[str], inputs: InputsFn,
-                 outputs: bool = True) -> None:
+                 outputs: bool = True, dataset: str = "") -> None:
         return None
 
     def reference(self, model: str, job_id: str, keys: Sequence[str] | None, inputs: InputsFn | None,
-                  prefetched: ReferenceOutputs | None = None) -> ReferenceOutputs:
+                  prefetched: ReferenceOutputs | None = None, dataset: str = "") -> ReferenceOutputs:
         if not isinstance(prefetched, ReferenceOutputs):
             raise ScorerRejected("reference='batch': this super-batch's reference fields were not read")
         return prefetched

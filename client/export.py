@@ -22,6 +22,9 @@ from jest_stream.outputs import LOSS_KINDS
 
 log = logging.getLogger(__name__)
 
+# The contract key of a classifier's class count (the scorer checks labels against it).
+NUM_CLASSES_KEY = "jest.num_classes"
+
 
 class _WithLoss(torch.nn.Module):
     """model + per-example loss: (*model inputs, labels) -> loss (B,)."""
@@ -109,7 +112,9 @@ def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str
     for i, name in enumerate(input_names):
         default = "labels" if kind == "per_example" and i == len(input_names) - 1 else "model input"
         meanings.setdefault(name, default)
-    contract = ModelContract(kind, {n: meanings[n] for n in input_names}, outputs, scale, bias)
+    extra = {NUM_CLASSES_KEY: str(classes)} if kind == "per_example" and (
+        classes := _num_classes(model, example_inputs)) else {}
+    contract = ModelContract(kind, {n: meanings[n] for n in input_names}, outputs, scale, bias, extra)
 
     path = os.fspath(path)
     wrapped.eval()
@@ -143,6 +148,20 @@ def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str
         _check_against_torch(wrapped, bigger, input_names, outputs, path)
     log.info("exported %s reference model to %s", kind, path)
     return contract
+
+
+def _num_classes(model: torch.nn.Module, example_inputs: tuple) -> int | None:
+    """The class count of a classifier (integer labels, (B, C) logits), or None if it is not one:
+    the scorer then refuses labels outside [0, C) with a clear error."""
+    labels = example_inputs[-1]
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        return None
+    model.eval()
+    with torch.no_grad():
+        logits = model(*example_inputs[:-1])
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+        return None
+    return int(logits.shape[1])
 
 
 def _check_against_torch(wrapped: torch.nn.Module, example_inputs, input_names, outputs, path: str) -> None:

@@ -109,7 +109,7 @@ class JESTLoader:
     default) or a function batch -> keys; without keys the scorer's reference cache
     is not used and reference inputs are sent every step. ``reference_inputs``:
     function batch -> {model input name: array}; by default, dict fields named like
-    the model's inputs, or a tuple batch's items in input order.
+    the model's inputs, or a tuple batch's items in input order. ``dataset``: see SelectCall.
     ``select_on="trainer"``: select here, from the scorer's reference outputs; ``reference="batch"``:
     read them from the batch (``jest-stream precompute --write-shards``; ``scorer`` may be None).
 
@@ -124,7 +124,7 @@ class JESTLoader:
                  n_chunks: int = DEFAULT_N_CHUNKS, score_gain: float = 1.0, seed: int | None = None,
                  key: str | Callable[[Any], Any] | None = "__key__",
                  reference_inputs: Callable[[Any], Mapping[str, Any]] | None = None,
-                 prefetch: bool = True, fallback: str = "uniform", retry_after: float = 2.0,
+                 prefetch: bool = True, fallback: str = "uniform", retry_after: float = 2.0, dataset: str = "",
                  job: str | None = None, log_every: int = 0, select_on: str | None = None,
                  reference: str = "scorer", reference_watch: ReferenceWatch | None = ReferenceWatch()):
         self.options = SelectOptions(score=score, sampler=sampler, n_chunks=n_chunks, score_gain=score_gain)
@@ -157,7 +157,7 @@ class JESTLoader:
         self.prefetch = bool(prefetch)
         self.fallback = fallback
         self._breaker = _Breaker(float(retry_after))
-        self._job = job
+        self._job, self.dataset = job, str(dataset)  # the keys' dataset: the scorer checks the name
         self.log_every = int(log_every)
         self.stats = LoaderStats()
         self._watcher = ReferenceWatcher(reference_watch)
@@ -266,7 +266,8 @@ class JESTLoader:
         elif self.prefetch and keys and not (self.fallback == "uniform" and self._breaker.is_open()):
             try:
                 spec = self._model_spec()
-                item.prefetched = self._scorer.prefetch(spec.name, self.job_id, keys, item.inputs)
+                item.prefetched = self._scorer.prefetch(spec.name, self.job_id, keys, item.inputs,
+                                                        dataset=self.dataset)
             except ScorerUnavailable as exc:  # the Select will fall back; counted there
                 log.debug("reference prefetch failed: %s", exc)
                 item.prefetch_error = str(exc)
@@ -331,7 +332,7 @@ class JESTLoader:
         started = time.perf_counter()
         try:
             spec = self._model_spec()
-            outcome = self._scorer.select(SelectCall(
+            outcome = self._scorer.select(SelectCall(dataset=self.dataset,
                 model=spec.name, job_id=self.job_id, learner=learner, n_select=n_select,
                 keys=item.keys, inputs=item.inputs, options=self.options, seed=seed), item.prefetched)
         except ScorerUnavailable as exc:

@@ -74,47 +74,58 @@ class LocalScorer:
         return self._models
 
     def prefetch(self, model: str, job_id: str, keys: Sequence[str], inputs: InputsFn,
-                 outputs: bool = False) -> None:
+                 outputs: bool = False, dataset: str = "") -> None:
         return None
 
-    def _cached_call(self, model: str, keys: list[str] | None, inputs: InputsFn | None,
-                     run: Callable[[dict[str, np.ndarray] | None], Any]) -> Any:
-        """``run(inputs)``, without the inputs when this engine has cached every key (and
-        again with them if they were evicted); engine errors become scorer errors."""
+    def _cached_call(self, model: str, dataset: str, job_id: str, keys: list[str] | None,
+                     inputs: InputsFn | None, run: Callable[[dict[str, np.ndarray] | None, str], Any]) -> Any:
+        """``run(inputs, namespace)``, without the inputs when this engine has cached every key of
+        the request's cache namespace (and again with them if they were evicted); engine errors
+        become scorer errors."""
+        from jest_stream.server.engine import NotCached as EngineNotCached
+        from jest_stream.server.names import check_name, namespace
+
+        try:
+            space = namespace(check_name(dataset, "dataset"), job_id)
+        except ValueError as exc:
+            raise ScorerRejected(f"local scorer refused the request: {exc}") from exc
+        known = f"{model}\0{space}"
         # Keys this engine has cached need no inputs (nor their conversion and checks).
-        omit = keys is not None and inputs is not None and self._known.has_all(model, keys)
+        omit = keys is not None and inputs is not None and self._known.has_all(known, keys)
         given = None if omit or inputs is None else inputs()  # the caller's errors stay its own
         try:
             try:
-                result = run(given)
-            except ValueError:
+                result = run(given, space)
+            except EngineNotCached:
                 if not omit:
                     raise
-                self._known.forget(model)  # evicted: run again with the inputs
-                result = run(inputs())
+                self._known.forget(known)  # evicted: run again with the inputs
+                result = run(inputs(), space)
         except (ValueError, KeyError) as exc:
             raise ScorerRejected(f"local scorer refused the request: {exc}") from exc
         except Exception as exc:  # ORT runtime failures and the like: the fallback's case
             raise ScorerUnavailable(f"local scorer failed: {type(exc).__name__}: {exc}") from exc
         if keys:
             version = result.model_version if isinstance(result, Selection) else result.version
-            self._known.add(model, keys, version)
+            self._known.add(known, keys, version)
         return result
 
     def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
         engine = self.engine
         keys = list(call.keys) if call.keys else None
         learner = on_host(call.learner)  # scorer-side selection runs on the host
-        return self._cached_call(call.model, keys, call.inputs, lambda inputs: engine.select(
-            call.model, learner=learner, n_select=call.n_select, keys=keys, inputs=inputs,
-            options=call.options, seed=call.seed))
+        return self._cached_call(call.model, call.dataset, call.job_id, keys, call.inputs,
+                                 lambda inputs, space: engine.select(
+                                     call.model, learner=learner, n_select=call.n_select, keys=keys,
+                                     inputs=inputs, options=call.options, seed=call.seed, dataset=space))
 
     def reference(self, model: str, job_id: str, keys: Sequence[str] | None, inputs: InputsFn | None,
-                  prefetched: Any = None) -> ReferenceOutputs:
+                  prefetched: Any = None, dataset: str = "") -> ReferenceOutputs:
         """The reference outputs of a super-batch, from this engine's cache or its model."""
         engine = self.engine
         keys = list(keys) if keys else None
-        result = self._cached_call(model, keys, inputs, lambda given: engine.reference(model, keys, given))
+        result = self._cached_call(model, dataset, job_id, keys, inputs, lambda given, space: engine.reference(
+            model, keys, given, dataset=space))
         return ReferenceOutputs(result.outputs, result.hits, result.misses, result.version)
 
     def close(self) -> None:

@@ -17,8 +17,10 @@ connection is re-established by gRPC in the background.
 Bandwidth: with a single-address target the client remembers which keys it has
 already sent to the server (by a successful Reference or Select), and sends Selects
 for such super-batches without their inputs; if the server evicted them it answers
-INVALID_ARGUMENT and the Select is resent with inputs. With several replicas behind
-the target each may hold different keys, so inputs are always sent.
+FAILED_PRECONDITION with the trailing-metadata signal ``jest-not-cached`` and the
+Select is resent with inputs (on that signal only; a message is never parsed). With
+several replicas behind the target each may hold different keys, so inputs are
+always sent.
 """
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ import grpc
 
 from jest_stream import codec, wire
 from jest_stream.client.learner import on_host
-from jest_stream.client.scorer import (InputsFn, KeyMemory, ReferenceOutputs, ScorerRejected, ScorerUnavailable,
-                                       SelectCall)
+from jest_stream.client.scorer import (InputsFn, KeyMemory, NotCached, ReferenceOutputs, ScorerRejected,
+                                       ScorerUnavailable, SelectCall)
 from jest_stream.contract import ModelSpec
 from jest_stream.options import check_name
 from jest_stream.selection import Selection
@@ -57,6 +59,13 @@ TRANSIENT = frozenset({
     grpc.StatusCode.CANCELLED,
 })
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+NOT_CACHED_KEY = "jest-not-cached"  # the server's "send the inputs" signal (trailing metadata)
+
+
+def _not_cached(exc: grpc.RpcError) -> bool:
+    trailing = exc.trailing_metadata() if callable(getattr(exc, "trailing_metadata", None)) else None
+    return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and any(
+        key == NOT_CACHED_KEY for key, _ in (trailing or ()))
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -145,6 +154,12 @@ class _Prefetch:
     model: str
     keys: list[str]
     outputs: bool = False
+
+
+def _known_as(model: str, dataset: str, job_id: str) -> str:
+    """The KeyMemory name of a model's keys of one dataset (keys are unique only within one;
+    a call naming none has its job's own)."""
+    return f"{model}\0{dataset}" if dataset else f"{model}\0\0{job_id}"
 
 
 _LIVE: weakref.WeakSet[RemoteScorer] = weakref.WeakSet()
@@ -279,6 +294,8 @@ class RemoteScorer:
         message = f"scorer {self.target!r}: {what} failed with {code.name}: {details}"
         if code in TRANSIENT:
             return ScorerUnavailable(message)
+        if _not_cached(exc):
+            return NotCached(message)
         return ScorerRejected(message)
 
     def _call(self, method: str, request: Any) -> Any:
@@ -299,42 +316,46 @@ class RemoteScorer:
         return self._models
 
     def prefetch(self, model: str, job_id: str, keys: Sequence[str],
-                 inputs: InputsFn, outputs: bool = False) -> _Prefetch | None:
+                 inputs: InputsFn, outputs: bool = False, dataset: str = "") -> _Prefetch | None:
         """Start a Reference call warming the cache for keys not known to be cached (or, with
         ``outputs``, fetching the outputs); returns its handle, None if nothing is sent."""
-        if not keys or (not outputs and self._omit and self._known.has_all(model, keys)):
+        known = _known_as(model, dataset, job_id)
+        if not keys or (not outputs and self._omit and self._known.has_all(known, keys)):
             return None
-        request = self._reference_request(model, job_id, keys, inputs, outputs)
-        return _Prefetch(self._submit("Reference", request), model, list(keys), outputs)
+        request = self._reference_request(model, job_id, keys, inputs, outputs, dataset)
+        return _Prefetch(self._submit("Reference", request), known, list(keys), outputs)
 
     def _reference_request(self, model: str, job_id: str, keys: Sequence[str] | None,
-                           inputs: InputsFn | None, outputs: bool) -> pb.ReferenceRequest:
+                           inputs: InputsFn | None, outputs: bool, dataset: str) -> pb.ReferenceRequest:
         """A Reference request, without the inputs when the server holds every key."""
-        request = pb.ReferenceRequest(model=model, job_id=job_id, keys=keys or (), return_outputs=outputs)
-        if inputs is not None and not (keys and self._omit and self._known.has_all(model, keys)):
+        request = pb.ReferenceRequest(model=model, job_id=job_id, keys=keys or (), return_outputs=outputs,
+                                      dataset=dataset)
+        known = _known_as(model, dataset, job_id)
+        if inputs is not None and not (keys and self._omit and self._known.has_all(known, keys)):
             codec.encode_map(inputs(), request.inputs)
         return request
 
     def reference(self, model: str, job_id: str, keys: Sequence[str] | None, inputs: InputsFn | None,
-                  prefetched: _Prefetch | None = None) -> ReferenceOutputs:
+                  prefetched: _Prefetch | None = None, dataset: str = "") -> ReferenceOutputs:
         """The reference outputs of a super-batch: the prefetched reply when it has them,
         else a Reference call (resent with the inputs if the server evicted the keys)."""
         try:  # a prefetch that failed is asked again here, once
             reply = self._wait(prefetched.future, "Reference") if prefetched and prefetched.outputs else None
         except (ScorerUnavailable, ScorerRejected):
             reply = None
+        known = _known_as(model, dataset, job_id)
         if reply is None:
             self._ensure()
-            request = self._reference_request(model, job_id, keys, inputs, True)
+            request = self._reference_request(model, job_id, keys, inputs, True, dataset)
             try:
                 reply = self._call("Reference", request)
-            except ScorerRejected:
+            except NotCached:
                 if request.inputs or inputs is None:
                     raise
-                self._known.forget(model)  # evicted: send the inputs
+                self._known.forget(known)  # evicted: send the inputs
                 codec.encode_map(inputs(), request.inputs)
                 reply = self._call("Reference", request)
-        self._known.add(model, list(keys or ()), reply.model_version)
+        self._known.add(known, list(keys or ()), reply.model_version)
         return ReferenceOutputs(codec.decode_map(reply.outputs, "outputs"), reply.cache_hits,
                                 reply.cache_misses, reply.model_version)
 
@@ -353,7 +374,7 @@ class RemoteScorer:
     def select_request(self, call: SelectCall, with_inputs: bool = True) -> pb.SelectRequest:
         """The SelectRequest sent for ``call`` (embeddings as ``embeddings_dtype``; inputs if ``with_inputs``)."""
         request = pb.SelectRequest(model=call.model, job_id=call.job_id, keys=list(call.keys or ()),
-                                   n_select=int(call.n_select))
+                                   n_select=int(call.n_select), dataset=call.dataset)
         wire.options_to_proto(call.options, request)
         if call.seed is not None:
             request.seed = int(call.seed)
@@ -364,21 +385,22 @@ class RemoteScorer:
 
     def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
         keys = list(call.keys) if call.keys else []
+        known = _known_as(call.model, call.dataset, call.job_id)
         was_prefetched = self._prefetched(prefetched)
         omit = bool(keys) and bool(self._omit) and call.inputs is not None and (
-            was_prefetched or self._known.has_all(call.model, keys))
+            was_prefetched or self._known.has_all(known, keys))
         request = self.select_request(call, with_inputs=not omit)
         try:
             reply = self._call("Select", request)
-        except ScorerRejected:
+        except NotCached:
             if not omit:
                 raise
             # Keys were evicted from the server's cache (or never got there): send inputs.
-            self._known.forget(call.model)
+            self._known.forget(known)
             codec.encode_map(call.inputs(), request.inputs)
             reply = self._call("Select", request)
         if keys:
-            self._known.add(call.model, keys, reply.model_version)
+            self._known.add(known, keys, reply.model_version)
         return wire.selection_from_proto(reply)
 
     def close(self) -> None:

@@ -43,10 +43,17 @@ class ScorerRejected(ScorerError):
     """The scorer refused the request (bad input, unknown model, authentication)."""
 
 
+class NotCached(ScorerRejected):
+    """The request sent keys without inputs and the scorer does not hold them all: send the
+    inputs (raised on the scorer's machine-readable signal, never on a message's text)."""
+
+
 @dataclass(frozen=True)
 class SelectCall:
     """One super-batch's selection request. ``inputs`` is called only if the
-    scorer needs the reference inputs (keys missing from its cache, or no keys)."""
+    scorer needs the reference inputs (keys missing from its cache, or no keys).
+    ``dataset`` names the dataset the keys belong to: cached reference outputs are
+    shared only between calls naming the same one ("": private to this job)."""
 
     model: str
     job_id: str
@@ -56,6 +63,7 @@ class SelectCall:
     inputs: InputsFn | None = None
     options: SelectOptions = SelectOptions()
     seed: int | None = None
+    dataset: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,9 +85,9 @@ class Scorer(Protocol):
         """The reference models the scorer serves, by name."""
 
     def prefetch(self, model: str, job_id: str, keys: Sequence[str], inputs: InputsFn,
-                 outputs: bool = False) -> Any:
-        """Start warming the reference cache for these keys (and, with ``outputs``,
-        fetching their outputs); return a handle for ``select`` or ``reference`` (or
+                 outputs: bool = False, dataset: str = "") -> Any:
+        """Start warming the reference cache for these keys (of ``dataset``; with ``outputs``,
+        fetching their outputs too); return a handle for ``select`` or ``reference`` (or
         None if there is nothing to wait for)."""
 
     def select(self, call: SelectCall, prefetched: Any = None) -> Selection:

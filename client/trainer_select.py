@@ -66,19 +66,20 @@ class TrainerSelect:
         return self.source.models()
 
     def prefetch(self, model: str, job_id: str, keys: Sequence[str], inputs: InputsFn,
-                 outputs: bool = True) -> Any:
-        return self.source.prefetch(model, job_id, keys, inputs, outputs=True)
+                 outputs: bool = True, dataset: str = "") -> Any:
+        return self.source.prefetch(model, job_id, keys, inputs, outputs=True, dataset=dataset)
 
     def reference(self, model: str, job_id: str, keys: Sequence[str] | None, inputs: InputsFn | None,
-                  prefetched: Any = None) -> ReferenceOutputs:
-        return self.source.reference(model, job_id, keys, inputs, prefetched)
+                  prefetched: Any = None, dataset: str = "") -> ReferenceOutputs:
+        return self.source.reference(model, job_id, keys, inputs, prefetched, dataset=dataset)
 
     def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
         spec = self.models()[call.model]
         reference = host_reference = None
         ref = ReferenceOutputs({}, model_version=spec.version)
         if call.options.needs_reference:
-            ref = self.source.reference(call.model, call.job_id, call.keys, call.inputs, prefetched)
+            ref = self.source.reference(call.model, call.job_id, call.keys, call.inputs, prefetched,
+                                        dataset=call.dataset)
             missing = [name for name in OUTPUTS_BY_KIND[spec.kind] if name not in ref.outputs]
             if missing:
                 raise ScorerRejected(f"reference: outputs {sorted(ref.outputs)} lack {missing} of model "

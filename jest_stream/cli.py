@@ -25,6 +25,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "soak": ("jest_stream.bench.soak", "16 jobs against one scorer: errors, latency, memory growth"),
     "wire": ("jest_stream.bench.wire", "bytes and selection overlap of float16/bfloat16 learner embeddings"),
     "trainer-step": ("jest_stream.bench.trainer_step", "trainer-side selection step (select_on='trainer')"),
+    "isolation": ("jest_stream.bench.isolation", "a good job beside floods, heavy jobs and unauthenticated "
+                  "giants: p99, RSS, wrong answers"),
 }
 
 

@@ -81,11 +81,13 @@ def seed_from_proto(request: pb.SelectRequest) -> int | None:
 DIAGNOSTICS = ("mean_learner_loss", "mean_reference_loss", "reference_above_learner")
 
 
-def selection_to_proto(selection: Selection) -> pb.SelectResponse:
-    """A Selection as a SelectResponse; NaN diagnostics are left unset."""
+def selection_to_proto(selection: Selection, nonfinite_reference: int = 0) -> pb.SelectResponse:
+    """A Selection as a SelectResponse; NaN diagnostics are left unset; ``nonfinite_reference``
+    counts the examples left out for non-finite reference outputs."""
     reply = pb.SelectResponse(indices=selection.indices.tolist(), mean_score=selection.mean_score,
                               mean_score_all=selection.mean_score_all, cache_hits=selection.cache_hits,
-                              cache_misses=selection.cache_misses, model_version=selection.model_version)
+                              cache_misses=selection.cache_misses, model_version=selection.model_version,
+                              nonfinite_reference=nonfinite_reference)
     for name in DIAGNOSTICS:
         value = getattr(selection, name)
         if math.isfinite(value):

@@ -16,7 +16,8 @@ from jest_stream.v1 import scorer_pb2, scorer_pb2_grpc
 
 from .batcher import Batcher
 from .engine import ScoringEngine
-from .interceptors import BearerTokenInterceptor, DecodeInterceptor, MetricsInterceptor
+from .interceptors import BearerTokenInterceptor, DecodeInterceptor, InflightBytes, MetricsInterceptor
+from .limits import RequestLimits, default_inflight_bytes
 from .metrics import Metrics
 from .portfile import BoundPorts, write_port_file
 from .servicer import ScorerServicer
@@ -40,7 +41,7 @@ class ServerConfig:
     tls_key: bytes | None = None
     max_message_bytes: int = 256 << 20
     metrics_port: int | None = None
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     intra_op_threads: int | None = None
     inter_op_threads: int | None = None
     workers: int = 4
@@ -53,6 +54,10 @@ class ServerConfig:
     inference_workers: int = 1
     grace_s: float = 30.0
     port_file: str | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    max_inflight_bytes: int = field(default_factory=default_inflight_bytes)
+    heavy_workers: int | None = None
+    drain_s: float = 1.0
 
 
 class ScoringServer:
@@ -82,13 +87,13 @@ class ScoringServer:
         if c.token:
             # inside the metrics interceptor, so refused calls are counted (code UNAUTHENTICATED)
             interceptors.append(BearerTokenInterceptor(c.token))
-        interceptors.append(DecodeInterceptor())
+        interceptors.append(DecodeInterceptor(InflightBytes(c.max_inflight_bytes)))
         options = [("grpc.max_receive_message_length", c.max_message_bytes),
                    ("grpc.max_send_message_length", c.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.servicer = ScorerServicer(self.metrics, c.workers, c.max_inflight)
+        self.servicer = ScorerServicer(self.metrics, c.workers, c.max_inflight, c.limits, c.heavy_workers)
         scorer_pb2_grpc.add_ScorerServicer_to_server(self.servicer, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -124,6 +129,9 @@ class ScoringServer:
                                workers_per_model=c.inference_workers)
         self.batcher.start()
         self.servicer.attach(self.engine, self.batcher)
+        self.metrics.dataset_entries.source = lambda: {
+            (name, ds): n for name, m in self.engine.models.items()
+            for ds, n in self.servicer.dataset_entries(m.version).items()}
         self.metrics.models_loaded.set(len(self.engine.models))
         self.metrics.cache_entries.set(len(self.engine.cache))
         self.metrics.cache_bytes.set(self.engine.cache.bytes)
@@ -140,9 +148,20 @@ class ScoringServer:
 
     async def _stop(self, grace: float) -> None:
         log.info("draining (grace %.0fs)", grace)
+        loop = asyncio.get_running_loop()
         await self.health.enter_graceful_shutdown()
+        if self.servicer is not None and grace > 0:
+            # new calls get UNAVAILABLE (clients retry them on another replica) while the
+            # transport still takes them; then the server stops taking calls at all
+            self.servicer.draining = True
+            await asyncio.sleep(min(self.config.drain_s, grace))
+        if self.servicer is not None:
+            deadline = loop.time() + max(0.0, grace - self.config.drain_s - 0.5)
+            while self.servicer.inflight and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            await self.servicer.cut_inflight()  # what is left gets UNAVAILABLE, not CANCELLED
         if self.server is not None:
-            await self.server.stop(grace)
+            await self.server.stop(0.5)
         if self.batcher is not None:
             await self.batcher.stop()
         if self.servicer is not None:

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .metrics import Metrics
-from .models import ReferenceModel
+from .models import ModelOutputError, ReferenceModel
+from .names import shown
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,12 @@ class Batcher:
             self._busy[name] += 1
             try:
                 outputs = await loop.run_in_executor(self._pool, model.run, inputs)
+            except ModelOutputError as exc:  # the model broke its contract: no answer from it is trusted
+                log.error("model %s: %s", name, exc)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
             except Exception as exc:  # keep serving: only the request(s) the model fails on fail
                 await self._run_alone(name, model, batch, exc)
                 continue
@@ -227,7 +234,8 @@ class Batcher:
                     if not p.future.done():
                         p.future.set_result(outputs)
                     continue
-            log.warning("job=%s: model %s failed on the request's inputs: %s", p.job, name, error)
+            log.warning("job=%s: model %s failed on the request's inputs: %s", shown(p.job), name,
+                        shown(error, 300))
             if not p.future.done():
                 p.future.set_exception(ModelInputError(
                     f"inputs: reference model {name!r} failed on these inputs (values outside what the "

@@ -1,8 +1,9 @@
-"""The reference cache: (model version, sample key) -> that sample's reference outputs,
-least-recently-used entries evicted first under a byte budget.
+"""The reference cache: (model version, dataset, sample key) -> that sample's reference
+outputs, least-recently-used entries evicted first under a byte budget.
 
 Reference models are frozen, so an entry never goes stale; a new model file gets a new
-version and new entries. Entries live in slabs, one per model version: one array per
+version and new entries. Keys are unique only within a dataset, so each (version,
+dataset) namespace has its own entries. Entries live in slabs, one per namespace: one array per
 output with a row per entry, and a dict key -> row. A super-batch of B keys is then
 one dict lookup per key and one fancy-indexed gather per output, not B small arrays
 (the hit path must cost little beside the RPC that carries it).
@@ -17,6 +18,7 @@ work is spread evenly over inserts (no long pause every so often).
 """
 from __future__ import annotations
 
+import sys
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -24,10 +26,11 @@ from itertools import repeat
 
 import numpy as np
 
-# Bytes charged per entry on top of its output rows and its key's length: the dict slot,
-# the key's str object and the bookkeeping arrays (an estimate, as sys.getsizeof would be).
+# Bytes charged per entry on top of its output rows and its key's str object (as
+# sys.getsizeof counts it: a 4-byte emoji is 4 bytes, not 1): the dict slot and the
+# bookkeeping arrays (ticks, sizes, keys, free stack), rounded up.
 ENTRY_OVERHEAD = 120
-_MIN_CAPACITY = 1024
+_MIN_CAPACITY = 64
 
 
 class _Slab:
@@ -95,7 +98,8 @@ class _Slab:
 
 
 class ReferenceCache:
-    """Thread-safe LRU map (version, key) -> {output name: one sample's row}, bounded in bytes."""
+    """Thread-safe LRU map (version, dataset, key) -> {output name: one sample's row}, bounded
+    in the bytes it really holds."""
 
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
@@ -103,7 +107,7 @@ class ReferenceCache:
         self.max_bytes = int(max_bytes)
         self.bytes = 0
         self.evictions = 0
-        self._slabs: dict[str, _Slab] = {}
+        self._slabs: dict[tuple[str, str], _Slab] = {}
         self._tick = 0
         self._lock = threading.Lock()
         # (tick, slab, rows used at that tick), oldest first; rows held, for compaction
@@ -113,8 +117,14 @@ class ReferenceCache:
     def __len__(self) -> int:
         return sum(len(s.index) for s in self._slabs.values())
 
-    def get(self, version: str, keys: Sequence[str]) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
-        """Look up a super-batch of keys.
+    def entries_by_dataset(self, version: str) -> dict[str, int]:
+        """Entries held for model ``version``, by dataset."""
+        with self._lock:
+            return {ds: len(slab.index) for (v, ds), slab in self._slabs.items() if v == version and slab.index}
+
+    def get(self, version: str, keys: Sequence[str],
+            dataset: str = "") -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
+        """Look up a super-batch of keys of ``dataset``.
 
         Returns ``(outputs, missing)``: ``outputs`` maps output name -> (B, ...) array whose
         rows for cached keys are filled (rows listed in ``missing`` are left unset), or
@@ -122,7 +132,7 @@ class ReferenceCache:
         """
         n = len(keys)
         with self._lock:
-            slab = self._slabs.get(version)
+            slab = self._slabs.get((version, dataset))
             if slab is None or not slab.index:
                 return None, np.arange(n, dtype=np.int64)
             rows = np.fromiter(map(slab.index.get, keys, repeat(-1, n)), dtype=np.int64, count=n)
@@ -145,8 +155,10 @@ class ReferenceCache:
                 outputs[name] = out
             return outputs, np.flatnonzero(~hit)
 
-    def put_batch(self, version: str, keys: Sequence[str], outputs: Mapping[str, np.ndarray]) -> None:
-        """Insert a batch: row i of every output belongs to ``keys[i]`` (values are copied)."""
+    def put_batch(self, version: str, keys: Sequence[str], outputs: Mapping[str, np.ndarray],
+                  dataset: str = "") -> None:
+        """Insert a batch of ``dataset``: row i of every output belongs to ``keys[i]`` (values
+        are copied)."""
         n = len(keys)
         if n == 0:
             return
@@ -154,21 +166,25 @@ class ReferenceCache:
             if np.shape(value)[:1] != (n,):
                 raise ValueError(f"outputs[{name!r}]: {np.shape(value)[:1]} rows for {n} keys")
         with self._lock:
-            slab = self._slabs.get(version)
+            slab = self._slabs.get((version, dataset))
             if slab is None:
-                slab = self._slabs[version] = _Slab({k: np.asarray(v) for k, v in outputs.items()})
+                slab = self._slabs[(version, dataset)] = _Slab({k: np.asarray(v) for k, v in outputs.items()})
             values = slab.check(outputs, "outputs")
-            # every entry of a batch is charged the same: its rows, the overhead, the mean key length
-            size = slab.row_bytes + ENTRY_OVERHEAD + -(-sum(map(len, keys)) // n)
-            if size * n > self.max_bytes:
+            # each entry is charged what it holds: its rows, its key's str object, the overhead
+            size = np.fromiter(map(sys.getsizeof, keys), dtype=np.int64, count=n)
+            size += slab.row_bytes + ENTRY_OVERHEAD
+            total = int(size.sum())
+            if total > self.max_bytes:
                 # a batch larger than the whole budget: keep the tail of it that fits
-                keep = self.max_bytes // size
+                tail = np.cumsum(size[::-1])
+                keep = int(np.searchsorted(tail, self.max_bytes, side="right"))
                 if keep == 0:
                     return
                 keys = list(keys)[n - keep:]
                 values = {k: v[n - keep:] for k, v in values.items()}
+                size = size[n - keep:]
                 n = keep
-            total = size * n
+                total = int(size.sum())
             self._tick += 1
             need = self.bytes + total - self.max_bytes
             if need > 0:

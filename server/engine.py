@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jest_stream.cachefile import CacheFileError, read_cache_file
 from jest_stream.contract import ModelSpec
 from jest_stream.options import SelectOptions, check_name
 from jest_stream.outputs import Embeddings, Losses
@@ -33,15 +32,25 @@ from jest_stream.selection import Selection, expected_outputs, make_rng, select
 
 from . import device as devices
 from .cache import ReferenceCache
+from .cacheload import load_cache_file, nonfinite_rows
 from .models import ReferenceModel
+from .names import shown_keys
 
 log = logging.getLogger(__name__)
 
-_LOAD_CHUNK = 4096  # cache-file records inserted per batch
 
 
 class UnknownModel(ValueError):
     """A request names a model this scorer did not load."""
+
+
+class NotCached(ValueError):
+    """A request sent keys without inputs and some of them are not cached: the client
+    must send this super-batch's inputs (a signal, not only a message: see the servicer)."""
+
+    def __init__(self, message: str, count: int):
+        super().__init__(message)
+        self.count = count
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,16 @@ class ReferenceResult:
     hits: int
     misses: int
     version: str
+    nonfinite: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
+    """Rows whose reference outputs are not finite (never cached, never selected)."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A served selection and how many examples were left out for non-finite reference outputs."""
+
+    selection: Selection
+    nonfinite: int = 0
 
 
 @dataclass
@@ -64,6 +83,7 @@ class ReferencePlan:
     cached: dict[str, np.ndarray] | None   # B rows, filled where the key hit the cache
     missing: np.ndarray                     # row indices to run through the model
     run_inputs: dict[str, np.ndarray] | None  # the inputs of those rows (None: nothing to run)
+    dataset: str = ""                       # the cache namespace of the keys
 
 
 @dataclass
@@ -107,6 +127,14 @@ def _distinct(indices: np.ndarray, batch: int) -> bool:
 
 def _rows(arrays: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
     return {name: value[idx] for name, value in arrays.items()}
+
+
+def _subset(outputs: Losses | Embeddings, keep: np.ndarray) -> Losses | Embeddings:
+    """The rows ``keep`` of a model's outputs (on the host: the rare path of non-finite rows)."""
+    if isinstance(outputs, Losses):
+        return Losses(devices.to_host(outputs.values)[keep])
+    return Embeddings(devices.to_host(outputs.image)[keep], devices.to_host(outputs.text)[keep],
+                      outputs.logit_scale, outputs.logit_bias)
 
 
 class ScoringEngine:
@@ -153,62 +181,16 @@ class ScoringEngine:
     # -- the cache file -------------------------------------------------------------
 
     def load_cache_file(self, path: str | os.PathLike) -> int:
-        """Load a precomputed cache file into the cache; returns the records loaded.
-
-        A file for a model version that no loaded model has is skipped with a warning
-        (an old precompute); one whose outputs do not fit the model raises CacheFileError.
-        """
-        version, records = read_cache_file(path)
-        model = next((m for m in self.models.values() if m.version == version), None)
-        if model is None:
-            log.warning("cache file %s is for model version %s, which no loaded model has (%s); skipped",
-                        path, version, ", ".join(f"{n}={m.version}" for n, m in self.models.items()))
-            records.close()
-            return 0
-        specs = {s.name: s for s in model.outputs}
-        n = 0
-        keys: list[str] = []
-        rows: list[dict[str, np.ndarray]] = []
-
-        def flush() -> None:
-            outputs = {}
-            for name in model.contract.outputs:
-                stacked = np.stack([r[name] for r in rows])
-                want = specs[name].shape[1:]
-                if stacked.shape[1:] != tuple(want) and not (len(want) == stacked.ndim - 1 and all(
-                        w in (-1, g) for w, g in zip(want, stacked.shape[1:]))):
-                    raise CacheFileError(f"{path}: record {keys[0]!r} output {name!r} has row shape "
-                                         f"{list(stacked.shape[1:])}; model {model.name!r} gives {list(want)}")
-                outputs[name] = stacked.astype(specs[name].dtype, copy=False)
-            self.cache.put_batch(version, keys, outputs)
-            keys.clear()
-            rows.clear()
-
-        with records:
-            for key, outputs in records:
-                missing = [o for o in model.contract.outputs if o not in outputs]
-                if missing:
-                    raise CacheFileError(f"{path}: record {key!r} lacks output(s) {missing} of model "
-                                         f"{model.name!r}; it has {sorted(outputs)}")
-                keys.append(key)
-                rows.append(outputs)
-                n += 1
-                if len(keys) >= _LOAD_CHUNK:
-                    flush()
-            if keys:
-                flush()
-        log.info("loaded %d reference records from %s into model %s (version %s); cache holds %d "
-                 "entries, %d bytes", n, path, model.name, version, len(self.cache), self.cache.bytes)
-        if self.cache.evictions:
-            log.warning("the cache budget (--cache-bytes %d) is smaller than the cache file(s): %d entries "
-                        "were evicted at load", self.cache.max_bytes, self.cache.evictions)
-        return n
+        """Load a precomputed cache file into the cache (see ``cacheload.load_cache_file``)."""
+        return load_cache_file(self.cache, self.models.values(), path)
 
     # -- reference outputs ------------------------------------------------------------
 
     def plan_reference(self, model: str, keys: Sequence[str] | None,
-                       inputs: Mapping[str, np.ndarray] | None, *, batch: int | None = None) -> ReferencePlan:
-        """Check a reference request and look its keys up in the cache.
+                       inputs: Mapping[str, np.ndarray] | None, *, batch: int | None = None,
+                       dataset: str = "") -> ReferencePlan:
+        """Check a reference request and look its keys up in the cache of ``dataset``
+        (the request's namespace).
 
         ``batch`` (if known, e.g. from the learner's scores) is the B that keys and
         inputs must match.
@@ -231,38 +213,35 @@ class ScoringEngine:
                 raise ValueError(f"inputs: model {m.name!r} needs its inputs {[s.name for s in m.inputs]}, "
                                  "or keys that are already in the reference cache")
             return ReferencePlan(m, None, batch, None, np.arange(batch, dtype=np.int64), inputs)
-        cached, missing = self.cache.get(m.version, keys)
+        cached, missing = self.cache.get(m.version, keys, dataset)
         if missing.size and inputs is None:
-            shown = [keys[i] for i in missing[:10]]
-            more = f" and {missing.size - 10} more" if missing.size > 10 else ""
-            raise ValueError(f"inputs: keys {shown}{more} are not in the reference cache of model "
-                             f"{m.name!r}; send the inputs of this super-batch")
+            raise NotCached(f"inputs: keys {shown_keys([keys[i] for i in missing[:3]], int(missing.size))} "
+                            f"are not in the reference cache of model {m.name!r}; send the inputs of "
+                            "this super-batch", int(missing.size))
         if not missing.size:
             run_inputs = None
         elif missing.size == batch:
             run_inputs = inputs
         else:
             run_inputs = _rows(inputs, missing)
-        return ReferencePlan(m, keys, batch, cached, missing, run_inputs)
+        return ReferencePlan(m, keys, batch, cached, missing, run_inputs, dataset)
 
     def complete_reference(self, plan: ReferencePlan, fresh: Mapping[str, np.ndarray] | None,
                            on_device: bool = False) -> ReferenceResult:
-        """Cache the fresh outputs of the missing rows and assemble all B rows (host arrays;
-        with ``on_device``, fresh GPU outputs of a batch that missed entirely stay there)."""
+        """Cache the fresh outputs of the missing rows (the finite ones) and assemble all B rows
+        (host arrays; with ``on_device``, fresh GPU outputs of a batch that missed entirely stay there)."""
         m = plan.model
         n_miss = int(plan.missing.size)
         device_fresh = fresh
+        bad = np.empty(0, np.int64)
         if n_miss:
             if fresh is None:
                 raise RuntimeError("complete_reference: the plan has rows to run but no outputs were given")
-            for name in m.contract.outputs:
-                got = tuple(fresh[name].shape[:1])
-                if got != (n_miss,):
-                    raise RuntimeError(f"model {m.name!r} returned {got} rows of {name!r} for {n_miss} inputs")
+            m.check_rows(fresh, n_miss)
             fresh = {name: devices.to_host(fresh[name]) for name in m.contract.outputs}
+            bad = nonfinite_rows(fresh, n_miss)
             if plan.keys is not None:
-                self.cache.put_batch(m.version, [plan.keys[i] for i in plan.missing]
-                                     if n_miss != plan.batch else plan.keys, fresh)
+                self._cache_fresh(plan, fresh, bad)
         if plan.cached is None:
             outputs = {name: (device_fresh if on_device else fresh)[name] for name in m.contract.outputs}
         else:
@@ -270,12 +249,24 @@ class ScoringEngine:
             if n_miss:
                 for name in m.contract.outputs:
                     outputs[name][plan.missing] = fresh[name]
-        return ReferenceResult(outputs, plan.batch - n_miss, n_miss, m.version)
+        return ReferenceResult(outputs, plan.batch - n_miss, n_miss, m.version, plan.missing[bad])
+
+    def _cache_fresh(self, plan: ReferencePlan, fresh: Mapping[str, np.ndarray], bad: np.ndarray) -> None:
+        """Cache the fresh rows of a plan, except those that are not finite (never cached)."""
+        n_miss = int(plan.missing.size)
+        keys = [plan.keys[i] for i in plan.missing] if n_miss != plan.batch else plan.keys
+        if bad.size:
+            good = np.setdiff1d(np.arange(n_miss), bad, assume_unique=True)
+            keys = [keys[i] for i in good]
+            fresh = _rows(fresh, good)
+            log.warning("model %s: %d example(s) gave non-finite reference outputs (not cached, never "
+                        "selected)", plan.model.name, int(bad.size))
+        self.cache.put_batch(plan.model.version, keys, fresh, plan.dataset)
 
     def reference(self, model: str, keys: Sequence[str] | None,
-                  inputs: Mapping[str, np.ndarray] | None) -> ReferenceResult:
+                  inputs: Mapping[str, np.ndarray] | None, dataset: str = "") -> ReferenceResult:
         """Reference outputs for a super-batch: cached rows from the cache, the rest run."""
-        plan = self.plan_reference(model, keys, inputs)
+        plan = self.plan_reference(model, keys, inputs, dataset=dataset)
         fresh = plan.model.run(plan.run_inputs) if plan.run_inputs is not None else None
         return self.complete_reference(plan, fresh)
 
@@ -283,9 +274,11 @@ class ScoringEngine:
 
     def plan_select(self, model: str, *, learner: Losses | Embeddings, n_select: int,
                     keys: Sequence[str] | None = None, inputs: Mapping[str, np.ndarray] | None = None,
-                    options: SelectOptions = SelectOptions(), seed: int | None = None) -> SelectPlan:
+                    options: SelectOptions = SelectOptions(), seed: int | None = None,
+                    dataset: str = "") -> SelectPlan:
         """Check everything a Select needs before any inference is spent on it
-        (``options`` is already validated: it was built where the request entered)."""
+        (``options`` is already validated: it was built where the request entered;
+        ``dataset`` is the request's cache namespace)."""
         m = self.model(model)
         kind = m.contract.kind
         want = expected_outputs(kind)
@@ -298,42 +291,55 @@ class ScoringEngine:
         make_rng(seed)  # checks the seed
         reference = None
         if options.needs_reference:
-            reference = self.plan_reference(model, keys, inputs, batch=batch)
+            reference = self.plan_reference(model, keys, inputs, batch=batch, dataset=dataset)
         elif keys is not None and len(keys) and len(keys) != batch:
             raise ValueError(f"keys: {len(keys)} keys but the learner scored {batch} examples")
         return SelectPlan(m, reference, learner, int(n_select), options, seed)
 
-    def finish_select(self, plan: SelectPlan, fresh: Mapping[str, np.ndarray] | None) -> Selection:
-        """Complete the reference outputs and run the core's ``select``."""
+    def finish_select(self, plan: SelectPlan, fresh: Mapping[str, np.ndarray] | None) -> Scored:
+        """Complete the reference outputs and run the core's ``select`` on the examples
+        whose reference outputs are finite (the others are never selected, only counted)."""
         m = plan.model
-        reference, hits, misses = None, 0, 0
+        reference, hits, misses, bad = None, 0, 0, np.empty(0, np.int64)
         if plan.reference is not None:
             ref = self.complete_reference(plan.reference, fresh, on_device=self.device == "cuda")
             reference = m.spec.outputs_from(ref.outputs)
-            hits, misses = ref.hits, ref.misses
-        learner, placed = plan.learner, reference
+            hits, misses, bad = ref.hits, ref.misses, ref.nonfinite
+        batch = plan.learner.batch_size
+        learner, keep = plan.learner, None
+        if bad.size:
+            keep = np.setdiff1d(np.arange(batch), bad, assume_unique=True)
+            if keep.size < plan.n_select:
+                raise ValueError(f"inputs: only {keep.size} of {batch} examples have finite reference outputs, "
+                                 f"fewer than n_select={plan.n_select}; check the inputs for overflow")
+            learner, reference = _subset(learner, keep), _subset(reference, keep)
+        placed_learner, placed = learner, reference
         if self.device == "cuda":  # selection on the GPU: CuPy arrays through the core's select
-            learner = devices.on_device(learner)
+            placed_learner = devices.on_device(learner)
             placed = None if reference is None else devices.on_device(reference)
-        selection = select(plan.n_select, kind=m.contract.kind, learner=learner, reference=placed,
+        selection = select(plan.n_select, kind=m.contract.kind, learner=placed_learner, reference=placed,
                            options=plan.options, seed=plan.seed)
         indices = selection.indices
-        if not np.isfinite(selection.mean_score_all) or not _distinct(indices, plan.learner.batch_size):
+        if not np.isfinite(selection.mean_score_all) or not _distinct(indices, learner.batch_size):
             raise ValueError("learner: the scores are not finite once combined with the reference (overflow); "
                              "scale down the learner's losses, embeddings, logit_scale/logit_bias or score_gain")
-        losses = loss_summary(m.contract.kind, plan.learner if plan.options.needs_learner else None, reference)
-        return dataclasses.replace(selection, cache_hits=hits, cache_misses=misses, model_version=m.version,
-                                   **losses.as_fields())
+        losses = loss_summary(m.contract.kind, learner if plan.options.needs_learner else None, reference)
+        if keep is not None:
+            indices = keep[indices]
+        selection = dataclasses.replace(selection, indices=indices, cache_hits=hits, cache_misses=misses,
+                                        model_version=m.version, **losses.as_fields())
+        return Scored(selection, int(bad.size))
 
     def select(self, model: str, *, learner: Losses | Embeddings, n_select: int,
                keys: Sequence[str] | None = None, inputs: Mapping[str, np.ndarray] | None = None,
-               options: SelectOptions = SelectOptions(), seed: int | None = None) -> Selection:
+               options: SelectOptions = SelectOptions(), seed: int | None = None,
+               dataset: str = "") -> Selection:
         """Reference outputs + learner scores -> the selected indices (the core's select)."""
         plan = self.plan_select(model, learner=learner, n_select=n_select, keys=keys, inputs=inputs,
-                                options=options, seed=seed)
+                                options=options, seed=seed, dataset=dataset)
         run = plan.run_inputs
         fresh = plan.model.run(run) if run is not None else None
-        return self.finish_select(plan, fresh)
+        return self.finish_select(plan, fresh).selection
 
     def close(self) -> None:
         """Drop the sessions (their memory goes with them)."""

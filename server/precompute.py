@@ -169,10 +169,12 @@ def batches(samples: Iterable[tuple[str, dict[str, bytes]]], inputs: dict[str, n
 
 def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | os.PathLike, *,
                batch_size: int = 256, intra_op_threads: int | None = 1, progress: bool = True,
-               limit: int | None = None) -> dict[str, int | str]:
+               limit: int | None = None, dataset: str) -> dict[str, int | str]:
     """Run the reference model over every sample of ``shards`` not yet in the cache file
-    ``out`` and append their outputs to it. Returns counts: written, skipped (already in
-    the file), total samples read, and the model version.
+    ``out`` and append their outputs to it, recorded as keys of ``dataset`` (requests
+    naming that dataset hit them). Returns counts: written, skipped (already in the
+    file), non-finite (outputs NaN or inf: never written), total samples read, and the
+    model version.
 
     ``limit`` stops after writing that many records (tests use it to simulate an
     interrupted run; a killed process leaves the same kind of file).
@@ -183,6 +185,7 @@ def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | 
     from jest_stream.contract import model_version
     from jest_stream.server.models import ReferenceModel
 
+    _check_dataset(dataset)
     if batch_size < 1:
         raise ValueError(f"--batch-size: expected at least 1, got {batch_size}")
     paths = shard_paths(shards)
@@ -191,8 +194,8 @@ def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | 
     inputs = {spec.name: np.dtype(spec.dtype) for spec in model.inputs}
     outputs = list(model.contract.outputs)
     total = count_samples(paths) if progress else None
-    written = skipped = 0
-    with CacheFileWriter(out, version, resume=True) as writer:
+    written = skipped = nonfinite = 0
+    with CacheFileWriter(out, version, dataset=dataset, resume=True) as writer:
         already = frozenset(writer.keys)
         log.info("%s: %d record(s) already there (model version %s); %d shard(s) to read",
                  out, len(already), version, len(paths))
@@ -207,9 +210,7 @@ def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | 
                 if limit is not None and written + len(keys) > limit:
                     keys = keys[:limit - written]
                     arrays = {n: v[:len(keys)] for n, v in arrays.items()}
-                result = model.run(arrays)
-                for row, key in enumerate(keys):
-                    writer.add(key, {name: result[name][row] for name in outputs})
+                nonfinite += _write_finite(writer, keys, model.run(arrays), outputs)
                 writer.flush()
                 written += len(keys)
                 bar.update(len(keys))
@@ -217,8 +218,30 @@ def precompute(model_path: str | os.PathLike, shards: Sequence[str], out: str | 
                     break
         finally:
             bar.close()
-    log.info("%s: wrote %d record(s), skipped %d already there", out, written, skipped)
-    return {"written": written, "skipped": skipped, "read": written + skipped, "model_version": version}
+    if nonfinite:
+        log.warning("%s: %d sample(s) gave non-finite reference outputs; not written", out, nonfinite)
+    log.info("%s: wrote %d record(s), skipped %d already there", out, written - nonfinite, skipped)
+    return {"written": written - nonfinite, "skipped": skipped, "nonfinite": nonfinite, "read": written + skipped,
+            "dataset": dataset, "model_version": version}
+
+
+def _check_dataset(dataset: str) -> None:
+    from jest_stream.server.names import check_name
+
+    check_name(dataset, "--dataset")
+    if not dataset:
+        raise ValueError("--dataset: name the dataset the shards' keys belong to (e.g. cc3m-train)")
+
+
+def _write_finite(writer, keys: Sequence[str], result: dict[str, np.ndarray], outputs: Sequence[str]) -> int:
+    """Append the rows whose outputs are finite; returns how many were not (never written)."""
+    from jest_stream.server.cacheload import nonfinite_rows
+
+    bad = set(nonfinite_rows(result, len(keys)).tolist())
+    for row, key in enumerate(keys):
+        if row not in bad:
+            writer.add(key, {name: result[name][row] for name in outputs})
+    return len(bad)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-shards", metavar="OUT",
                    help="instead of a cache file, write each shard again under the directory OUT with "
                         "its samples' reference outputs as jest.* fields (JESTLoader(reference='batch'))")
+    p.add_argument("--dataset",
+                   help="the dataset the shards' keys belong to (printable ASCII, at most 128 characters); "
+                        "clients naming it (JESTLoader(dataset=...)) hit these records; required with --out")
     p.add_argument("--batch-size", type=int, default=256, help="samples per inference batch (default 256)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads (default: ORT's choice)")
@@ -251,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("jest-stream precompute: give --out (a cache file) or --write-shards (a directory), "
               "not both", file=sys.stderr)
         return 2
+    if args.out and not args.dataset:
+        print("jest-stream precompute: --dataset: name the dataset the shards' keys belong to "
+              "(clients name the same one: JESTLoader(dataset=...))", file=sys.stderr)
+        return 2
     try:
         if args.write_shards:
             from .reference_shards import write_reference_shards
@@ -260,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             progress=not args.no_progress)
         else:
             counts = precompute(args.model, args.shards, args.out, batch_size=args.batch_size,
-                                intra_op_threads=args.threads, progress=not args.no_progress)
+                                intra_op_threads=args.threads, progress=not args.no_progress,
+                                dataset=args.dataset)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"jest-stream precompute: {message}", file=sys.stderr)

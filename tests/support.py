@@ -162,9 +162,9 @@ def encode_learner(learner: Losses | Embeddings, out: pb.LearnerScores) -> None:
 def select_request(model: str, learner: Losses | Embeddings, n_select: int, *,
                    keys: Sequence[str] | None = None, inputs: Mapping[str, np.ndarray] | None = None,
                    sampler: str = "joint", score: str = "", seed: int | None = 0, job_id: str = "test",
-                   n_chunks: int = 0) -> pb.SelectRequest:
+                   n_chunks: int = 0, dataset: str = "") -> pb.SelectRequest:
     req = pb.SelectRequest(model=model, job_id=job_id, n_select=n_select, sampler=sampler, score=score,
-                           n_chunks=n_chunks)
+                           n_chunks=n_chunks, dataset=dataset)
     if seed is not None:
         req.seed = seed
     if keys is not None:

@@ -53,7 +53,7 @@ class LearnerScores(_message.Message):
     def __init__(self, losses: _Optional[_Union[Tensor, _Mapping]] = ..., image_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., text_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., logit_scale: _Optional[float] = ..., logit_bias: _Optional[float] = ...) -> None: ...
 
 class SelectRequest(_message.Message):
-    __slots__ = ("model", "job_id", "keys", "inputs", "learner", "n_select", "score", "sampler", "n_chunks", "score_gain", "seed")
+    __slots__ = ("model", "job_id", "keys", "inputs", "learner", "n_select", "score", "sampler", "n_chunks", "score_gain", "seed", "dataset")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class SelectRequest(_message.Message):
     N_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SCORE_GAIN_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
     model: str
     job_id: str
     keys: _containers.RepeatedScalarFieldContainer[str]
@@ -83,10 +84,11 @@ class SelectRequest(_message.Message):
     n_chunks: int
     score_gain: float
     seed: int
-    def __init__(self, model: _Optional[str] = ..., job_id: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., learner: _Optional[_Union[LearnerScores, _Mapping]] = ..., n_select: _Optional[int] = ..., score: _Optional[str] = ..., sampler: _Optional[str] = ..., n_chunks: _Optional[int] = ..., score_gain: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    dataset: str
+    def __init__(self, model: _Optional[str] = ..., job_id: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., learner: _Optional[_Union[LearnerScores, _Mapping]] = ..., n_select: _Optional[int] = ..., score: _Optional[str] = ..., sampler: _Optional[str] = ..., n_chunks: _Optional[int] = ..., score_gain: _Optional[float] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class SelectResponse(_message.Message):
-    __slots__ = ("indices", "mean_score", "mean_score_all", "cache_hits", "cache_misses", "model_version", "mean_learner_loss", "mean_reference_loss", "reference_above_learner")
+    __slots__ = ("indices", "mean_score", "mean_score_all", "cache_hits", "cache_misses", "model_version", "mean_learner_loss", "mean_reference_loss", "reference_above_learner", "nonfinite_reference")
     INDICES_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_ALL_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +98,7 @@ class SelectResponse(_message.Message):
     MEAN_LEARNER_LOSS_FIELD_NUMBER: _ClassVar[int]
     MEAN_REFERENCE_LOSS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ABOVE_LEARNER_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     indices: _containers.RepeatedScalarFieldContainer[int]
     mean_score: float
     mean_score_all: float
@@ -105,10 +108,11 @@ class SelectResponse(_message.Message):
     mean_learner_loss: float
     mean_reference_loss: float
     reference_above_learner: float
-    def __init__(self, indices: _Optional[_Iterable[int]] = ..., mean_score: _Optional[float] = ..., mean_score_all: _Optional[float] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., model_version: _Optional[str] = ..., mean_learner_loss: _Optional[float] = ..., mean_reference_loss: _Optional[float] = ..., reference_above_learner: _Optional[float] = ...) -> None: ...
+    nonfinite_reference: int
+    def __init__(self, indices: _Optional[_Iterable[int]] = ..., mean_score: _Optional[float] = ..., mean_score_all: _Optional[float] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., model_version: _Optional[str] = ..., mean_learner_loss: _Optional[float] = ..., mean_reference_loss: _Optional[float] = ..., reference_above_learner: _Optional[float] = ..., nonfinite_reference: _Optional[int] = ...) -> None: ...
 
 class ReferenceRequest(_message.Message):
-    __slots__ = ("model", "job_id", "keys", "inputs", "return_outputs")
+    __slots__ = ("model", "job_id", "keys", "inputs", "return_outputs", "dataset")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -121,15 +125,17 @@ class ReferenceRequest(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
     model: str
     job_id: str
     keys: _containers.RepeatedScalarFieldContainer[str]
     inputs: _containers.MessageMap[str, Tensor]
     return_outputs: bool
-    def __init__(self, model: _Optional[str] = ..., job_id: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., return_outputs: _Optional[bool] = ...) -> None: ...
+    dataset: str
+    def __init__(self, model: _Optional[str] = ..., job_id: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., return_outputs: _Optional[bool] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class ReferenceResponse(_message.Message):
-    __slots__ = ("outputs", "cache_hits", "cache_misses", "model_version")
+    __slots__ = ("outputs", "cache_hits", "cache_misses", "model_version", "nonfinite_reference")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,11 +147,13 @@ class ReferenceResponse(_message.Message):
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.MessageMap[str, Tensor]
     cache_hits: int
     cache_misses: int
     model_version: str
-    def __init__(self, outputs: _Optional[_Mapping[str, Tensor]] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    nonfinite_reference: int
+    def __init__(self, outputs: _Optional[_Mapping[str, Tensor]] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., model_version: _Optional[str] = ..., nonfinite_reference: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -162,7 +170,14 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "inputs", "outputs", "version", "logit_scale", "logit_bias")
+    __slots__ = ("name", "kind", "inputs", "outputs", "version", "logit_scale", "logit_bias", "cached_entries")
+    class CachedEntriesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +185,7 @@ class ModelInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LOGIT_SCALE_FIELD_NUMBER: _ClassVar[int]
     LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
@@ -177,7 +193,8 @@ class ModelInfo(_message.Message):
     version: str
     logit_scale: float
     logit_bias: float
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., version: _Optional[str] = ..., logit_scale: _Optional[float] = ..., logit_bias: _Optional[float] = ...) -> None: ...
+    cached_entries: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., version: _Optional[str] = ..., logit_scale: _Optional[float] = ..., logit_bias: _Optional[float] = ..., cached_entries: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -203,7 +203,7 @@ def test_image_install_entrypoint_healthcheck_select(tmp_path: Path, per_example
     x, y = digits["x"][:64], digits["y"][:64]
     keys = [digit_key(i) for i in range(64)]
     precomputed = _reference_outputs(str(models / "digits.onnx"), {"x": x[:32], "y": y[:32]})
-    with CacheFileWriter(cache / "digits.cache", model_version(models / "digits.onnx")) as writer:
+    with CacheFileWriter(cache / "digits.cache", model_version(models / "digits.onnx"), dataset="digits") as writer:
         for i in range(32):
             writer.add(keys[i], {name: value[i] for name, value in precomputed.items()})
 
@@ -243,6 +243,7 @@ def test_image_install_entrypoint_healthcheck_select(tmp_path: Path, per_example
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.ScorerStub(channel)
         request = pb.SelectRequest(model="digits", job_id="deploy-test/rank0of1", keys=keys, n_select=16,
+                                   dataset="digits",
                                    seed=7)
         codec.encode_map({"x": x, "y": y}, request.inputs)
         learner_losses = np.random.default_rng(0).uniform(0.1, 3.0, size=64).astype(np.float32)

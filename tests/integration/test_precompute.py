@@ -63,7 +63,7 @@ def test_precompute_then_serve_gives_the_live_selection(per_example_model, digit
 
     cache = str(tmp_path / "ref.cache")
     pattern = os.path.join(digit_shards["dir"], "train-{000..008}.tar")
-    counts = precompute(per_example_model, [pattern], cache, batch_size=100, progress=False)
+    counts = precompute(per_example_model, [pattern], cache, batch_size=100, progress=False, dataset="digits")
     assert counts["written"] == len(digit_shards["keys"]) and counts["skipped"] == 0
 
     server = start_server({"ref": per_example_model}, "--cache-file", cache)
@@ -76,7 +76,8 @@ def test_precompute_then_serve_gives_the_live_selection(per_example_model, digit
             rows = rng.choice(len(digit_shards["keys"]), size=160, replace=False)
             keys = [digit_shards["keys"][i] for i in rows]
             learner = rng.gamma(2.0, 1.0, size=160).astype(np.float32)
-            request = pb.SelectRequest(model="ref", job_id="test", keys=keys, n_select=32, sampler=sampler,
+            request = pb.SelectRequest(model="ref", job_id="test", dataset="digits", keys=keys, n_select=32,
+                                       sampler=sampler,
                                        score_gain=2.0, seed=100 + step)
             codec.encode(learner, request.learner.losses)
             served = stub.Select(request, timeout=30)
@@ -87,7 +88,7 @@ def test_precompute_then_serve_gives_the_live_selection(per_example_model, digit
             np.testing.assert_array_equal(np.asarray(served.indices), want.indices)
             assert served.mean_score == pytest.approx(want.mean_score, rel=1e-5)
 
-        reply = stub.Reference(pb.ReferenceRequest(model="ref", keys=digit_shards["keys"][:50],
+        reply = stub.Reference(pb.ReferenceRequest(model="ref", dataset="digits", keys=digit_shards["keys"][:50],
                                                    return_outputs=True), timeout=30)
         assert reply.cache_hits == 50
         got = codec.decode(reply.outputs["loss"], "loss")
@@ -100,7 +101,7 @@ def test_precomputed_embeddings_select_as_live(sigmoid_model, pair_shards, tmp_p
     from jest_stream.server.engine import ScoringEngine
 
     cache = str(tmp_path / "pairs.cache")
-    precompute(sigmoid_model, pair_shards["paths"], cache, progress=False)
+    precompute(sigmoid_model, pair_shards["paths"], cache, progress=False, dataset="digits")
     cached = ScoringEngine({"ref": sigmoid_model}, intra_op_threads=1, cache_file=cache)
     live = ScoringEngine({"ref": sigmoid_model}, intra_op_threads=1)
     assert len(cached.cache) == len(pair_shards["keys"])
@@ -110,7 +111,7 @@ def test_precomputed_embeddings_select_as_live(sigmoid_model, pair_shards, tmp_p
     z /= np.linalg.norm(z, axis=2, keepdims=True)
     learner = Embeddings(z[0], z[1], 10.0, -5.0)
     a = cached.select("ref", learner=learner, n_select=32, keys=[pair_shards["keys"][i] for i in rows],
-                      seed=5)
+                      seed=5, dataset="digits")
     b = live.select("ref", learner=learner, n_select=32, seed=5,
                     inputs={n: pair_shards["fields"][n][rows] for n in ("image", "text")})
     assert (a.cache_hits, a.cache_misses) == (128, 0)
@@ -119,11 +120,12 @@ def test_precomputed_embeddings_select_as_live(sigmoid_model, pair_shards, tmp_p
 
 def test_interrupted_precompute_resumes_without_duplicates(per_example_model, digit_shards, tmp_path):
     full = str(tmp_path / "full.cache")
-    precompute(per_example_model, digit_shards["paths"], full, batch_size=64, progress=False)
+    precompute(per_example_model, digit_shards["paths"], full, batch_size=64, progress=False, dataset="digits")
     _, reference = _records(full)
 
     part = str(tmp_path / "part.cache")
     first = precompute(per_example_model, digit_shards["paths"], part, batch_size=64, progress=False,
+                       dataset="digits",
                        limit=300)
     assert first["written"] == 300
     with open(part, "r+b") as fh:  # a kill in the middle of writing the last record
@@ -131,10 +133,11 @@ def test_interrupted_precompute_resumes_without_duplicates(per_example_model, di
     _, partial = _records(part)
     assert len(partial) == 299  # the cut record is ignored ...
 
-    second = precompute(per_example_model, digit_shards["paths"], part, batch_size=64, progress=False)
+    second = precompute(per_example_model, digit_shards["paths"], part, batch_size=64, progress=False,
+                        dataset="digits")
     assert second["skipped"] == 299  # ... and rewritten on resume
     assert second["written"] == len(digit_shards["keys"]) - 299
-    third = precompute(per_example_model, digit_shards["paths"], part, progress=False)
+    third = precompute(per_example_model, digit_shards["paths"], part, progress=False, dataset="digits")
     assert third == {**third, "written": 0, "skipped": len(digit_shards["keys"])}
 
     version, resumed = _records(part)
@@ -154,13 +157,14 @@ def test_cli_shows_progress_and_imports_no_torch(per_example_model, digit_shards
             "assert not [m for m in sys.modules if m.split('.')[0] == 'torch'], 'precompute imported torch'\n"
             "sys.exit(rc)\n")
     proc = subprocess.run([sys.executable, "-c", code, "--model", per_example_model, "--shards", pattern,
-                           "--out", cache, "--threads", "1"], capture_output=True, text=True, timeout=120)
+                           "--out", cache, "--threads", "1", "--dataset", "digits"],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert counts["written"] == len(digit_shards["keys"])
     assert "precompute" in proc.stderr and f"{len(digit_shards['keys'])}/{len(digit_shards['keys'])}" in proc.stderr
 
     missing = subprocess.run([sys.executable, "-m", "jest_stream.server.precompute", "--model", per_example_model,
-                              "--shards", str(tmp_path / "nope-{0..1}.tar"), "--out", cache],
+                              "--shards", str(tmp_path / "nope-{0..1}.tar"), "--out", cache, "--dataset", "digits"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "--shards" in missing.stderr

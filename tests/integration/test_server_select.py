@@ -40,7 +40,7 @@ def cache_file(tmp_path_factory, model_paths, refs, digits):
     """A cache file for the digits model, written as the precompute command would."""
     path = tmp_path_factory.mktemp("cache") / "digits.jcache"
     out = refs["digits"].outputs(inputs_for("per_example", digits, CACHE_FILE_ROWS))
-    with CacheFileWriter(path, model_version(model_paths["digits"])) as writer:
+    with CacheFileWriter(path, model_version(model_paths["digits"]), dataset="digits") as writer:
         for row, i in enumerate(CACHE_FILE_ROWS):
             assert writer.add(cache_key(int(i)), {"loss": out["loss"][row]})
     return str(path)
@@ -127,7 +127,7 @@ async def test_partly_cached_batch_runs_only_the_new_rows(server, refs, digits):
     channel, stub = aio_stub(server.target)
     async with channel:
         half = {k: v[:60] for k, v in inputs.items()}
-        await stub.Reference(pb.ReferenceRequest(model="digits", keys=keys[:60],
+        await stub.Reference(pb.ReferenceRequest(model="digits", job_id="test", keys=keys[:60],
                                                  inputs={k: codec.encode(v) for k, v in half.items()}),
                              timeout=30)
         rows_before = server.metric("jest_batch_rows_sum", model="digits")
@@ -146,13 +146,14 @@ async def test_cache_file_gives_live_outputs(server, refs, digits, model_paths):
     async with channel:
         runs = server.metric("jest_inference_seconds_count", model="digits")
         from_file = await stub.Reference(pb.ReferenceRequest(model="digits", job_id="file", keys=keys,
-                                                             return_outputs=True), timeout=30)
+                                                             return_outputs=True, dataset="digits"), timeout=30)
         assert server.metric("jest_inference_seconds_count", model="digits") == runs
         live = await stub.Reference(pb.ReferenceRequest(
             model="digits", job_id="live", return_outputs=True,
             inputs={k: codec.encode(v) for k, v in inputs.items()}), timeout=30)
         learner = learner_for("per_example", 200, seed=8)
-        selected = await stub.Select(select_request("digits", learner, 40, keys=keys, seed=4), timeout=30)
+        selected = await stub.Select(select_request("digits", learner, 40, keys=keys, seed=4, dataset="digits"),
+                                     timeout=30)
     assert (from_file.cache_hits, from_file.cache_misses) == (200, 0)
     assert (live.cache_hits, live.cache_misses) == (0, 200)
     assert from_file.model_version == live.model_version == model_version(model_paths["digits"])
@@ -168,13 +169,13 @@ async def test_missing_keys_without_inputs_are_named(server):
     learner = learner_for("per_example", 4, seed=0)
     channel, stub = aio_stub(server.target)
     async with channel:
-        err = await expect_code(stub.Select(select_request("digits", learner, 2, keys=keys), timeout=30),
-                                grpc.StatusCode.INVALID_ARGUMENT)
+        err = await expect_code(stub.Select(select_request("digits", learner, 2, keys=keys, dataset="digits"),
+                                            timeout=30), grpc.StatusCode.FAILED_PRECONDITION)
         assert "inputs" in err.details()
         assert "never/seen/1" in err.details() and "never/seen/2" in err.details()
         assert cache_key(1000) not in err.details()
-        err = await expect_code(stub.Reference(pb.ReferenceRequest(model="digits", keys=keys), timeout=30),
-                                grpc.StatusCode.INVALID_ARGUMENT)
+        err = await expect_code(stub.Reference(pb.ReferenceRequest(model="digits", keys=keys, dataset="digits"),
+                                               timeout=30), grpc.StatusCode.FAILED_PRECONDITION)
         assert "never/seen/1" in err.details()
 
 

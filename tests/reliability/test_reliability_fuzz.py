@@ -50,6 +50,9 @@ ALL_SCORES = ("learnability", "hard_learner", "easy_reference")
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=list(HealthCheck))
 
+# Job ids as the scorer takes them (printable ASCII; others are refused before anything else).
+JOB_IDS = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=12)
+
 
 # -- building requests -------------------------------------------------------------------
 
@@ -135,7 +138,7 @@ def base_select(draw, *, scores=ALL_SCORES, keys=None, model=None, min_batch=1):
         model=model, n_select=draw(st.integers(1, batch)), score=draw(st.sampled_from(scores)),
         sampler=draw(st.sampled_from(["", "joint", "topk", "uniform"])),
         n_chunks=draw(st.integers(0, 64)), score_gain=draw(st.sampled_from([0.0, 1.0, 10.0, -2.5, 100.0])),
-        job_id=draw(st.text(max_size=12)))
+        job_id=draw(JOB_IDS))
     if draw(st.booleans()):
         request.seed = draw(st.integers(0, 2**64 - 1))
     if with_keys:  # fresh keys: never cached, so the reference model runs on these inputs
@@ -394,7 +397,8 @@ def _gain_nonfinite(draw):
 def _uncached_no_inputs(draw):
     request, _ = draw(base_select(scores=NEEDS_REFERENCE, keys=True))
     request.ClearField("inputs")
-    return Case("uncached_no_inputs", "Select", request, fields=("inputs",))
+    return Case("uncached_no_inputs", "Select", request, code=grpc.StatusCode.FAILED_PRECONDITION,
+                fields=("inputs",))
 
 
 @defect("no_keys_no_inputs")
@@ -516,7 +520,7 @@ def _reference_request(draw):
     batch = draw(st.integers(1, 16))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     serial = next(_counter)
-    request = pb.ReferenceRequest(model=model, job_id=draw(st.text(max_size=8)),
+    request = pb.ReferenceRequest(model=model, job_id=draw(JOB_IDS),
                                   keys=[f"rf{serial}-{i}" for i in range(batch)],
                                   return_outputs=draw(st.booleans()))
     codec.encode_map(_inputs(model, batch, rng), request.inputs)
@@ -550,7 +554,10 @@ def _reference_request(draw):
         array = _array(request.inputs[name])
         array.reshape(-1)[draw(st.integers(0, array.size - 1))] = np.nan
         _set_array(request.inputs[name], array)
-    return Case(f"reference_{bad}", "Reference", request, fields=fields)
+    # keys without inputs that are not cached: the "send the inputs" signal, FAILED_PRECONDITION
+    code = grpc.StatusCode.FAILED_PRECONDITION if bad == "no_inputs" and request.keys else \
+        grpc.StatusCode.INVALID_ARGUMENT
+    return Case(f"reference_{bad}", "Reference", request, code=code, fields=fields)
 
 
 DEFECTS = sorted(_BUILDERS)

@@ -3,6 +3,7 @@ the reference cache (LRU under a byte budget), and the cache file it loads at st
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import onnx
@@ -108,7 +109,7 @@ def test_list_models(engine, paths):
 # -- the LRU cache --------------------------------------------------------------------------
 
 def entry_size(key: str, row_bytes: int) -> int:
-    return len(key) + row_bytes + ENTRY_OVERHEAD
+    return sys.getsizeof(key) + row_bytes + ENTRY_OVERHEAD
 
 
 def test_cache_evicts_least_recently_used_under_the_budget():
@@ -158,7 +159,7 @@ def test_cache_file_round_trip_and_resume(tmp_path):
     path = tmp_path / "c.jsc"
     rows = {f"s{i}": {"image_embeds": np.full(4, i, np.float32), "text_embeds": np.full(4, -i, np.float32)}
             for i in range(10)}
-    with CacheFileWriter(path, "ver1") as w:
+    with CacheFileWriter(path, "ver1", dataset="ds") as w:
         for key in list(rows)[:6]:
             assert w.add(key, rows[key])
         assert not w.add("s0", rows["s0"])  # already there
@@ -167,7 +168,7 @@ def test_cache_file_round_trip_and_resume(tmp_path):
         fh.write(b"\x82\xa1k\xa2s6\xa1o")
     version, records = read_cache_file(path)
     assert version == "ver1" and [k for k, _ in records] == [f"s{i}" for i in range(6)]
-    with CacheFileWriter(path, "ver1") as w:   # resume: keys known, the torn tail cut off
+    with CacheFileWriter(path, "ver1", dataset="ds") as w:   # resume: keys known, the torn tail cut off
         assert w.keys == {f"s{i}" for i in range(6)}
         assert path.stat().st_size == size
         for key in list(rows)[6:]:
@@ -178,7 +179,7 @@ def test_cache_file_round_trip_and_resume(tmp_path):
         for name in rows[key]:
             np.testing.assert_array_equal(got[key][name], rows[key][name])
     with pytest.raises(CacheFileError, match="model version"):
-        CacheFileWriter(path, "ver2")
+        CacheFileWriter(path, "ver2", dataset="ds")
 
 
 def test_not_a_cache_file(tmp_path):
@@ -196,28 +197,28 @@ def test_engine_loads_cache_file(paths, digits, tmp_path, caplog):
     rows = np.arange(100)
     out = ref.outputs(inputs_for("per_example", digits, rows))
     path = tmp_path / "digits.jsc"
-    with CacheFileWriter(path, model_version(paths["digits"])) as w:
+    with CacheFileWriter(path, model_version(paths["digits"]), dataset="ds") as w:
         for i in rows:
             w.add(f"d{i}", {"loss": out["loss"][i]})
     stale = tmp_path / "old.jsc"
-    with CacheFileWriter(stale, "0123456789abcdef") as w:
+    with CacheFileWriter(stale, "0123456789abcdef", dataset="ds") as w:
         w.add("d0", {"loss": np.float32(1.0)})
     with caplog.at_level(logging.WARNING):
         engine = ScoringEngine({"digits": paths["digits"]}, cache_file=[path, stale], intra_op_threads=1)
     assert "no loaded model has" in caplog.text
-    got = engine.reference("digits", [f"d{i}" for i in rows], None)
+    got = engine.reference("digits", [f"d{i}" for i in rows], None, dataset="ds")
     assert (got.hits, got.misses) == (100, 0)
     np.testing.assert_array_equal(got.outputs["loss"], out["loss"])
     # a budget smaller than the file keeps the most recent records and says so
     small = ScoringEngine({"digits": paths["digits"]}, cache_file=path, intra_op_threads=1,
                           cache_bytes=40 * entry_size("d00", 4))
     assert 0 < len(small.cache) <= 40
-    assert small.cache.get(model_version(paths["digits"]), ["d99"])[1].size == 0
+    assert small.cache.get(model_version(paths["digits"]), ["d99"], "ds")[1].size == 0
 
 
 def test_cache_file_of_the_wrong_shape_is_refused(paths, tmp_path):
     path = tmp_path / "bad.jsc"
-    with CacheFileWriter(path, model_version(paths["sigmoid"])) as w:
+    with CacheFileWriter(path, model_version(paths["sigmoid"]), dataset="ds") as w:
         w.add("a", {"image_embeds": np.zeros(3, np.float32), "text_embeds": np.zeros(3, np.float32)})
     with pytest.raises(CacheFileError, match="row shape"):
         ScoringEngine({"sigmoid": paths["sigmoid"]}, cache_file=path, intra_op_threads=1)
