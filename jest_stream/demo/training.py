@@ -8,6 +8,7 @@ the given sampler, and the loop trains on what it yields. Steps are learner upda
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,11 +117,13 @@ class RunResult:
 
 def train_run(task: Task, train: SuperBatches, corrupted: dict[str, bool], test: dict[str, torch.Tensor],
               scorer: Any, *, method: str, seed: int, config: TrainConfig, model_name: str | None = None,
-              job: str = "demo") -> RunResult:
+              job: str | None = None) -> RunResult:
     """Train a fresh learner for ``config.steps`` steps on sub-batches chosen by ``method``
     (``uniform``, ``topk`` or ``joint``; the last two on learnability) and evaluate it
     every ``config.eval_every`` steps. Same seed, same initial weights and data order for
-    every method."""
+    every method. The job id is ``<job>-<method>-seed<seed>``, ``job`` by default from
+    $JEST_JOB_ID (one per trainer sharing a scorer), else "demo"."""
+    job = job or os.environ.get("JEST_JOB_ID") or "demo"
     torch.manual_seed(10_000 + seed)
     model = task.new_learner()
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
