@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,7 +36,7 @@ RUN_DIR = Path("/run/jest-stream-docker")
 SUITE = "bookworm"  # the public image's Debian (python:3.11-slim-bookworm): Python 3.11 too
 BASE_IMAGE = f"jest-stream-base:{SUITE}"
 BASE_PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates"
-LABEL = "jest-stream.test=1"  # on every container the tests start, to clear leftovers
+LABEL = "jest-stream.test=1"  # on every container the tests start (docker ps --filter)
 PACKAGES = {"dockerd": "docker.io", "debootstrap": "debootstrap", "docker-compose": "docker-compose"}
 # Debian's CLI matches its engine and builds with BuildKit without the buildx plugin.
 CLI_CANDIDATES = ("/usr/bin/docker", "docker")
@@ -116,7 +117,7 @@ def debian_mirror() -> str:
 
 def _pip_settings() -> dict[str, str]:
     """The host's pip settings (files, then $PIP_* over them, as pip reads them)."""
-    listed = _run(["python3", "-m", "pip", "config", "list"], check=False).stdout
+    listed = _run([sys.executable, "-m", "pip", "config", "list"], check=False).stdout
     files: dict[str, str] = {}
     env: dict[str, str] = {}
     for line in listed.splitlines():
@@ -188,6 +189,19 @@ class PipMirror:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the Prometheus samples ``name`` in ``text`` whose labels match (a value
+    ending in ``*`` matches as a prefix)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def match(have: dict[str, str]) -> bool:
+        return all(have.get(k, "").startswith(v[:-1]) if v.endswith("*") else have.get(k) == v
+                   for k, v in labels.items())
+
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and match(s.labels))
 
 
 def for_container_user(path: Path, mode: int) -> Path:
@@ -318,6 +332,12 @@ class Engine:
         shutil.rmtree(self.config_dir, ignore_errors=True)
         return code
 
+    def abandon(self) -> None:
+        """Forget the engine as a killed session would: the lock goes, dockerd runs on."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def _unmount_leftovers(self) -> None:
         """Unmount what dockerd leaves mounted under its exec root (netns/default)."""
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
@@ -325,10 +345,12 @@ class Engine:
             subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
 
     def remove_leftovers(self) -> list[str]:
-        """Remove containers an earlier run left (by our label); returns their ids."""
-        ids = self.docker("ps", "-aq", "--filter", f"label={LABEL}").stdout.split()
+        """Remove every container and volume in this engine (it is ours alone: whatever is
+        there an earlier run left); returns the containers' ids."""
+        ids = self.docker("ps", "-aq").stdout.split()
         if ids:
             self.docker("rm", "-f", "-v", *ids)
+        self.docker("volume", "prune", "-f")
         return ids
 
     # -- containers --------------------------------------------------------------------------

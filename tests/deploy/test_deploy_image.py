@@ -111,12 +111,14 @@ def _run_build_stage(df: Dockerfile, fs: ContainerRoot, context: Path, env: dict
         elif inst.keyword == "COPY":
             _copy(inst, fs, context, cwd)
         elif inst.keyword == "RUN":
-            form = inst.exec_form()
-            argv = [fs.rewrite(a) for a in form] if form else ["/bin/sh", "-c", fs.rewrite(inst.args)]
+            # RUN --mount=type=secret,...: the build's pip settings; here pip has the host's own.
+            command = re.sub(r"^(\s*--mount=\S+\s+)+", "", inst.args)
+            form = Instruction(inst.keyword, command, inst.line).exec_form()
+            argv = [fs.rewrite(a) for a in form] if form else ["/bin/sh", "-c", fs.rewrite(command)]
             result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
             assert result.returncode == 0, (f"Dockerfile:{inst.line} RUN {inst.args}\n"
                                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-            ran.append(inst.args)
+            ran.append(command)
     return ran
 
 

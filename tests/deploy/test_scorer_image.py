@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from docker_engine import REPORT, for_container_user
+from docker_engine import REPORT, for_container_user, metric
 
 from jest_stream.server.launch import free_port, wait_serving
 
@@ -19,13 +19,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 grpc = pytest.importorskip("grpc")
 TOKEN = "docker-test-token-5b1e"
 USER = "10001:10001"
-
-
-def _sample(text: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def _volumes(tmp_path: Path, models: dict[str, bytes | str]) -> dict[Path, str]:
@@ -109,8 +102,8 @@ def test_container_healthy_serves_select_and_drains_on_stop(deploy, scorer_image
 
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
             metrics = r.read().decode()
-        assert _sample(metrics, "jest_calls_total", method="Select", job="docker-test/rank0of1", code="OK") == 1
-        assert _sample(metrics, "jest_calls_total", method="ListModels", code="OK") >= 1
+        assert metric(metrics, "jest_calls_total", method="Select", job="docker-test/rank0of1", code="OK") == 1
+        assert metric(metrics, "jest_calls_total", method="ListModels", code="OK") >= 1
 
         engine.docker("stop", container, timeout=60)  # SIGTERM to the server (PID 1): drain, exit
         state = engine.container_state(container)
