@@ -259,11 +259,12 @@ class Engine:
 
     def start(self, timeout: float = 60) -> float:
         """Start dockerd; returns the seconds until it answered."""
-        if self.cli is None or shutil.which("dockerd") is None:
-            raise EngineUnavailable("docker tests: no dockerd or docker CLI after installing docker.io")
         self.state.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock(float(os.environ.get("JEST_DOCKER_LOCK_WAIT", "1200")))
+        if self.cli is None or shutil.which("dockerd") is None:
+            self.stop()
+            raise EngineUnavailable("docker tests: no dockerd or docker CLI after installing docker.io")
         self._stop_leftover()
         started = time.monotonic()
         argv = ["dockerd", "--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-forward=false",
