@@ -19,10 +19,10 @@ from docker_engine import (  # noqa: E402
     REPORT,
     Engine,
     EngineUnavailable,
-    PipMirror,
     bridge_interfaces,
     ensure_installed,
 )
+from pip_mirror import PipMirror  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {  # name -> (Dockerfile, tag, build args beyond the base image)

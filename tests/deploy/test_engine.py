@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from docker_engine import BuildFailed, Engine, PipMirror, _cmdline, bridge_interfaces, running_engine
+from docker_engine import BuildFailed, Engine, _cmdline, bridge_interfaces, running_engine
+from pip_mirror import PipMirror
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
