@@ -1,7 +1,8 @@
 """``jest-stream health``: ask a scorer's grpc.health.v1 service; exit 0 iff SERVING.
 
 Used as the Docker HEALTHCHECK. Flags may come from the environment
-(JEST_HEALTH_TARGET, JEST_TLS_CA).
+(JEST_HEALTH_TARGET, JEST_TLS_CA, JEST_PORT_FILE). With a port file (a server started
+with ``--port 0 --port-file PATH``) it asks the port written there.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .portfile import read_port_file
 
 
 def check(target: str, *, service: str = "", timeout: float = 3.0, tls_ca: bytes | None = None,
@@ -36,7 +39,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tls-ca", default=os.environ.get("JEST_TLS_CA"),
                    help="PEM CA certificate: connect with TLS [env JEST_TLS_CA]")
     p.add_argument("--tls", action="store_true", help="connect with TLS using the system roots")
+    p.add_argument("--port-file", default=os.environ.get("JEST_PORT_FILE"),
+                   help="the server's port file (serve --port-file): ask the port written there, "
+                        "on --target's host [env JEST_PORT_FILE]")
     args = p.parse_args(argv)
+    if args.port_file:
+        try:
+            port = read_port_file(args.port_file, timeout=0).port
+        except TimeoutError:
+            print(f"--port-file: {args.port_file!r} not written yet (the server has not bound its port)",
+                  file=sys.stderr)
+            return 1
+        args.target = f"{args.target.rpartition(':')[0]}:{port}"
     ca = None
     if args.tls_ca:
         with open(args.tls_ca, "rb") as fh:

@@ -5,11 +5,13 @@ cache the first one filled.
 
 The engine has no bridge network, so docker/compose.host.yaml puts every service on the
 host's network; on it, published ports mean nothing and docker-compose 1.29 refuses them,
-so they are dropped from the resolved file. The trainers run one after the other (the
-file lets them run at once) so that the cache hits can be told apart by job.
+so they are dropped from the resolved file. The scorer binds ports the kernel picks and
+writes them to its port file; the trainers, pointed at that port, then run one after the
+other (the file lets them run at once) so that the cache hits can be told apart by job.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import urllib.request
@@ -17,8 +19,6 @@ from pathlib import Path
 
 import pytest
 from docker_engine import REPORT, for_container_user, metric
-
-from jest_stream.server.launch import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -32,38 +32,50 @@ def _metrics(port: int) -> str:
         return r.read().decode()
 
 
-def test_compose_scorer_and_two_trainers_share_the_scorer_and_its_cache(
-        deploy, scorer_image: str, trainer_image: str, tmp_path: Path) -> None:
-    engine = deploy.engine
-    port, metrics_port = free_port(), free_port()
-    token = tmp_path / "scorer-token"
-    token.write_text("compose-test-token-91c4\n")
-    for_container_user(token, 0o400)
-    env = {**engine.env, "JEST_SCORER_TOKEN_FILE": str(token), "JEST_SCORER_PORT": str(port),
-           "JEST_METRICS_PORT": str(metrics_port), "JEST_SCORER_ADDRESS": f"127.0.0.1:{port}",
-           "JEST_DEMO_STEPS": str(STEPS)}
-    def compose(*args: str, files: tuple[str, ...], timeout: float = 600) -> str:
-        argv = ["docker-compose", "-p", f"jest-test-{port}"]
-        for f in files:
-            argv += ["-f", f]
-        result = subprocess.run([*argv, *args], env=env, capture_output=True, text=True, timeout=timeout)
-        assert result.returncode == 0, f"docker-compose {' '.join(args)}:\n{result.stdout}{result.stderr}"
-        return result.stdout
+def _compose(env: dict[str, str], project: str, files: tuple[str, ...], *args: str) -> str:
+    argv = ["docker-compose", "-p", project]
+    for f in files:
+        argv += ["-f", f]
+    result = subprocess.run([*argv, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"docker-compose {' '.join(args)}:\n{result.stdout}{result.stderr}"
+    return result.stdout
 
-    config = yaml.safe_load(compose("config", files=(str(DOCKER / "compose.yaml"), str(DOCKER / "compose.host.yaml"))))
+
+def _resolve(env: dict[str, str], project: str, out: Path) -> tuple[str, ...]:
+    """compose.yaml + compose.host.yaml resolved with ``env``, minus published ports."""
+    config = yaml.safe_load(_compose(env, project, (str(DOCKER / "compose.yaml"), str(DOCKER / "compose.host.yaml")),
+                                     "config"))
     for service in config["services"].values():
         assert service["network_mode"] == "host"
         service.pop("ports", None)
-    resolved = tmp_path / "compose.resolved.yaml"
-    resolved.write_text(yaml.safe_dump(config))
-    files = (str(resolved),)
+    out.write_text(yaml.safe_dump(config))
+    return (str(out),)
 
+
+def test_compose_scorer_and_two_trainers_share_the_scorer_and_its_cache(
+        deploy, scorer_image: str, trainer_image: str, tmp_path: Path) -> None:
+    engine = deploy.engine
+    token = tmp_path / "scorer-token"
+    token.write_text("compose-test-token-91c4\n")
+    for_container_user(token, 0o400)
+    project = f"jest-test-{tmp_path.name.replace('_', '-')}"
+    env = {**engine.env, "JEST_SCORER_TOKEN_FILE": str(token), "JEST_SCORER_PORT": "0", "JEST_METRICS_PORT": "0",
+           "JEST_PORT_FILE": "/cache/ports.json", "JEST_DEMO_STEPS": str(STEPS)}
+    files = _resolve(env, project, tmp_path / "scorer.yaml")
     started = time.monotonic()
     try:
+        _compose(env, project, files, "up", "-d", "--no-build", "scorer")  # after the reference job; healthy
+        (scorer,) = _compose(env, project, files, "ps", "-q", "scorer").split()
+        engine.wait_healthy(scorer)  # its port file is written by then
+        REPORT["compose_scorer_healthy_s"] = round(time.monotonic() - started, 1)  # reference job included
+        ports = json.loads(engine.docker("exec", scorer, "cat", "/cache/ports.json").stdout)
+        port, metrics_port = ports["port"], ports["metrics_port"]
+        files = _resolve({**env, "JEST_SCORER_ADDRESS": f"127.0.0.1:{port}"}, project, tmp_path / "stack.yaml")
         seen = []
         for trainer in ("trainer-a", "trainer-b"):
-            compose("up", "-d", "--no-build", trainer, files=files)  # + reference, scorer (healthy) first
-            (container,) = compose("ps", "-q", trainer, files=files).split()
+            # --no-deps: the scorer is healthy already (and the reference job is not run again)
+            _compose(env, project, files, "up", "-d", "--no-build", "--no-deps", trainer)
+            (container,) = _compose(env, project, files, "ps", "-q", trainer).split()
             code = int(engine.docker("wait", container, timeout=600).stdout)
             logs = engine.docker("logs", container).stdout
             assert code == 0, logs + engine.docker("logs", container).stderr
@@ -81,7 +93,6 @@ def test_compose_scorer_and_two_trainers_share_the_scorer_and_its_cache(
         assert hits[1] - hits[0] >= STEPS * 160, f"the second job's examples were not served from the cache: {hits}"
         REPORT["compose_cache"] = {"first_job_hits_misses": [hits[0], misses[0]],
                                    "second_job_hits_misses": [hits[1] - hits[0], misses[1] - misses[0]]}
-        scorer = compose("ps", "-q", "scorer", files=files).split()[0]
         assert (engine.container_state(scorer).get("Health") or {}).get("Status") == "healthy"
     finally:
-        compose("down", "-v", "--remove-orphans", "-t", "35", files=files)
+        _compose(env, project, files, "down", "-v", "--remove-orphans", "-t", "35")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from docker_engine import REPORT, for_container_user, metric
 
-from jest_stream.server.launch import free_port, wait_serving
+from jest_stream.server.launch import wait_serving
+from jest_stream.server.portfile import read_port_file
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -22,7 +23,8 @@ USER = "10001:10001"
 
 
 def _volumes(tmp_path: Path, models: dict[str, bytes | str]) -> dict[Path, str]:
-    """A /models folder (name -> ONNX file or bytes) and the token as /run/secrets/scorer_token."""
+    """A /models folder (name -> ONNX file or bytes), a /cache folder the server writes its
+    port file in, and the token as /run/secrets/scorer_token."""
     folder = tmp_path / "models"
     folder.mkdir()
     for name, source in models.items():
@@ -36,12 +38,17 @@ def _volumes(tmp_path: Path, models: dict[str, bytes | str]) -> dict[Path, str]:
     token = tmp_path / "scorer_token"
     token.write_text(TOKEN + "\n")
     for_container_user(token, 0o400)
-    return {folder: "/models:ro", token: "/run/secrets/scorer_token:ro"}
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for_container_user(cache, 0o755)
+    return {folder: "/models:ro", cache: "/cache", token: "/run/secrets/scorer_token:ro"}
 
 
-def _serve_env(port: int, metrics_port: int, models: str) -> dict[str, str]:
-    return {"JEST_HOST": "127.0.0.1", "JEST_PORT": str(port), "JEST_METRICS_HOST": "127.0.0.1",
-            "JEST_METRICS_PORT": str(metrics_port), "JEST_MODEL": models,
+def _serve_env(models: str) -> dict[str, str]:
+    """Loopback, ports the kernel assigns (the server writes them to /cache/ports.json, and
+    the image's HEALTHCHECK asks the port written there), the token, one thread."""
+    return {"JEST_HOST": "127.0.0.1", "JEST_PORT": "0", "JEST_METRICS_HOST": "127.0.0.1",
+            "JEST_METRICS_PORT": "0", "JEST_PORT_FILE": "/cache/ports.json", "JEST_MODEL": models,
             "JEST_TOKEN_FILE": "/run/secrets/scorer_token", "JEST_INTRA_OP_THREADS": "1", "JEST_GRACE": "10"}
 
 
@@ -70,21 +77,20 @@ def test_container_healthy_serves_select_and_drains_on_stop(deploy, scorer_image
     from jest_stream.v1 import scorer_pb2_grpc as pb_grpc
 
     engine = deploy.engine
-    port, metrics_port = free_port(), free_port()
     container = engine.run_detached(
-        scorer_image, f"jest-test-scorer-{port}", mounts=_volumes(tmp_path, {"digits": per_example_model}),
-        env=_serve_env(port, metrics_port, "digits=/models/digits.onnx"),
-        options=("--health-interval", "1s", "--stop-timeout", "30"))
+        scorer_image, f"jest-test-scorer-{tmp_path.name}", mounts=_volumes(tmp_path, {"digits": per_example_model}),
+        env=_serve_env("digits=/models/digits.onnx"), options=("--health-interval", "1s", "--stop-timeout", "30"))
     try:
-        target = f"127.0.0.1:{port}"
         healthy_s = engine.wait_healthy(container)
+        ports = read_port_file(str(tmp_path / "cache" / "ports.json"), timeout=0)
+        target, metrics_port = f"127.0.0.1:{ports.port}", ports.metrics_port
         wait_serving(target, timeout=10)
         REPORT["scorer_healthy_s"] = round(healthy_s, 1)
 
         with RemoteScorer(target, token=TOKEN) as scorer:
             models = scorer.models()  # ListModels
         assert models["digits"].kind == "per_example"
-        assert set(models["digits"].inputs) == {"x", "y"}
+        assert {spec.name for spec in models["digits"].inputs} == {"x", "y"}
 
         x, y = digits["x"][:64], digits["y"][:64]
         request = pb.SelectRequest(model="digits", job_id="docker-test/rank0of1", n_select=16, seed=3,
@@ -116,10 +122,9 @@ def test_container_healthy_serves_select_and_drains_on_stop(deploy, scorer_image
 
 def test_broken_model_refused_with_one_line(deploy, scorer_image: str, tmp_path: Path) -> None:
     engine = deploy.engine
-    port, metrics_port = free_port(), free_port()
     container = engine.run_detached(
-        scorer_image, f"jest-test-broken-{port}", mounts=_volumes(tmp_path, {"broken": b"not an onnx model\n"}),
-        env=_serve_env(port, metrics_port, "broken=/models/broken.onnx"))
+        scorer_image, f"jest-test-broken-{tmp_path.name}", mounts=_volumes(tmp_path, {"broken": b"not an onnx\n"}),
+        env=_serve_env("broken=/models/broken.onnx"))
     try:
         code = int(engine.docker("wait", container, timeout=120).stdout.strip())
         logs = engine.docker("logs", container).stderr

@@ -75,3 +75,17 @@ def test_reference_rpc_and_flags_from_the_environment(start_server, per_example_
     assert server.metric("jest_batch_rows_count", model="ref") == 1  # one request: one batch
     assert server.metric("jest_calls_total", method="Reference", job="envjob", code="OK") == 1
     assert "ref" in server.log() and "SERVING" in server.log()
+
+
+def test_health_probe_follows_the_port_file(start_server, per_example_model, tmp_path, capsys):
+    """`jest-stream health --port-file` (env JEST_PORT_FILE, as the image's HEALTHCHECK gets
+    it): a server on a kernel-chosen port is asked on the port written in its port file."""
+    from jest_stream.server.portfile import BoundPorts, write_port_file
+
+    server = start_server({"digits": per_example_model})
+    port_file = tmp_path / "ports.json"
+    assert health_probe.main(["--target", "127.0.0.1:0", "--port-file", str(port_file)]) == 1
+    assert "not written yet" in capsys.readouterr().err
+    write_port_file(str(port_file), BoundPorts(server.port, server.metrics_port))
+    assert health_probe.main(["--target", "127.0.0.1:0", "--port-file", str(port_file)]) == 0
+    assert capsys.readouterr().out.strip() == f"127.0.0.1:{server.port}: SERVING"
