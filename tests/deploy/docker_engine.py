@@ -163,8 +163,7 @@ class Engine:
         self.proc: subprocess.Popen | None = None
         self._lock: int | None = None
         self.config_dir = Path(tempfile.mkdtemp(prefix="docker-config-"))  # no credential helpers
-        cli = next((c for c in CLI_CANDIDATES if shutil.which(c)), None)
-        self.cli = shutil.which(cli) if cli else None
+        self.cli: str | None = None  # found by start(), after ensure_installed()
 
     @property
     def env(self) -> dict[str, str]:
@@ -180,6 +179,7 @@ class Engine:
         self.state.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock(float(os.environ.get("JEST_DOCKER_LOCK_WAIT", "1200")))
+        self.cli = next((shutil.which(c) for c in CLI_CANDIDATES if shutil.which(c)), None)
         if self.cli is None or shutil.which("dockerd") is None:
             self.stop()
             raise EngineUnavailable("docker tests: no dockerd or docker CLI after installing docker.io")
