@@ -132,5 +132,6 @@ def test_broken_model_refused_with_one_line(deploy, scorer_image: str, tmp_path:
         errors = [line for line in logs.splitlines() if " ERROR " in line or "Traceback" in line]
         assert len(errors) == 1, logs
         assert "broken" in errors[0] and "/models/broken.onnx" in errors[0], errors
+        REPORT["broken_model_exit_code_and_line"] = [code, errors[0].split(" ", 2)[-1]]
     finally:
         engine.docker("rm", "-f", container, check=False)
