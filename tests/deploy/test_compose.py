@@ -24,12 +24,28 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 yaml = pytest.importorskip("yaml")
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
-STEPS = 6  # super-batches of 160 per demo run: 960 of the 1137 training examples, none twice
+STEPS = 6  # super-batches per demo run: 960 of the 1137 training examples, none twice
+SUPER_BATCH = 160  # the demo's
 
 
 def _metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         return r.read().decode()
+
+
+def _settled_metrics(port: int, timeout: float = 60) -> str:
+    """The metrics once the scorer is idle: a job that has exited may leave a call (its
+    last prefetch) that the server finishes and counts after the job is gone."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        text = _metrics(port)
+        counters = (metric(text, "jest_cache_hits_total"), metric(text, "jest_cache_misses_total"),
+                    metric(text, "jest_calls_total"))
+        if metric(text, "jest_inflight_calls") == 0 and counters == last or time.monotonic() > deadline:
+            return text
+        last = counters
+        time.sleep(0.5)
 
 
 def _compose(env: dict[str, str], project: str, files: tuple[str, ...], *args: str) -> str:
@@ -80,7 +96,7 @@ def test_compose_scorer_and_two_trainers_share_the_scorer_and_its_cache(
             logs = engine.docker("logs", container).stdout
             assert code == 0, logs + engine.docker("logs", container).stderr
             assert f"scorer=remote (127.0.0.1:{port})" in logs, logs
-            seen.append(_metrics(metrics_port))
+            seen.append(_settled_metrics(metrics_port))
         REPORT["compose_run_s"] = round(time.monotonic() - started, 1)
         first, second = seen
         for job in ("trainer-a-", "trainer-b-"):
@@ -89,8 +105,12 @@ def test_compose_scorer_and_two_trainers_share_the_scorer_and_its_cache(
         assert metric(first, "jest_calls_total", job="trainer-b-*") == 0
         hits = [metric(m, "jest_cache_hits_total", model="reference") for m in seen]
         misses = [metric(m, "jest_cache_misses_total", model="reference") for m in seen]
-        assert misses[0] > 0 and misses[1] == misses[0], f"the second job on the same data missed: {misses}"
-        assert hits[1] - hits[0] >= STEPS * 160, f"the second job's examples were not served from the cache: {hits}"
+        # Everything the first job scored is served to the second from the cache; at most the
+        # one super-batch a job prefetches past its last step is new (if the first exited
+        # before its prefetch reached the scorer).
+        assert misses[0] >= STEPS * SUPER_BATCH and misses[1] - misses[0] <= SUPER_BATCH, \
+            f"the second job on the same data missed: {misses}"
+        assert hits[1] - hits[0] >= STEPS * SUPER_BATCH, f"the second job was not served from the cache: {hits}"
         REPORT["compose_cache"] = {"first_job_hits_misses": [hits[0], misses[0]],
                                    "second_job_hits_misses": [hits[1] - hits[0], misses[1] - misses[0]]}
         assert (engine.container_state(scorer).get("Health") or {}).get("Status") == "healthy"
