@@ -8,6 +8,7 @@ the given sampler, and the loop trains on what it yields. Steps are learner upda
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -78,6 +79,12 @@ class SuperBatches(Dataset):
     def __init__(self, keys: list[str], columns: dict[str, np.ndarray]):
         self.keys = list(keys)
         self.columns = {name: torch.from_numpy(np.ascontiguousarray(col)) for name, col in columns.items()}
+        # The scorer's cache is per dataset: runs and jobs over these very samples (same
+        # keys, same values, e.g. the same noise and seed) share it, others never do.
+        digest = hashlib.sha256("\0".join(self.keys).encode())
+        for name in sorted(self.columns):
+            digest.update(name.encode() + self.columns[name].numpy().tobytes())
+        self.dataset = f"demo-{digest.hexdigest()[:16]}"
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -131,7 +138,7 @@ def train_run(task: Task, train: SuperBatches, corrupted: dict[str, bool], test:
         super_batch_loader(train, config.super_batch, seed), task.score_fn(model), scorer,
         model=model_name, n_select=config.sub_batch, score="learnability", sampler=method,
         n_chunks=config.n_chunks, score_gain=config.score_gain, seed=seed,
-        job=f"{job}-{method}-seed{seed}", prefetch=True,
+        job=f"{job}-{method}-seed{seed}", prefetch=True, dataset=train.dataset,
     )
     steps: list[int] = []
     values: list[float] = []
