@@ -15,8 +15,6 @@ uniformly with that same seed (and counts it); ``fallback="raise"`` raises.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -25,10 +23,13 @@ import numpy as np
 import torch
 
 from jest_stream.client.batches import batch_size, fields_by_name, keys_of, take, to_numpy
+from jest_stream.client.identity import agree, distributed_rank, job_id
 from jest_stream.client.learner import all_finite, as_learner_scores
+from jest_stream.client.resume import EpochOrder, working_state_dict
 from jest_stream.client.scorer import Scorer, ScorerRejected, ScorerUnavailable, SelectCall, resolve_model
 from jest_stream.client.reference_watch import ReferenceWatch, ReferenceWatcher
 from jest_stream.client.stats import LoaderStats
+from jest_stream.client.superbatch import Breaker, SuperBatch, step_seed, sub_batch_size
 from jest_stream.client.trainer_select import placement
 from jest_stream.contract import ModelSpec
 from jest_stream.options import DEFAULT_N_CHUNKS, SelectOptions, check_name
@@ -39,61 +40,7 @@ from jest_stream.selection import make_rng
 log = logging.getLogger(__name__)
 
 FALLBACKS = ("uniform", "raise")
-STATE_VERSION = 1
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The sampler seed of one step of one rank: SeedSequence(seed, spawn_key=(rank, step))."""
-    state = np.random.SeedSequence(seed, spawn_key=(rank, step)).generate_state(1, np.uint64)
-    return int(state[0])
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed, or (0, 1) when it is not initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-class _SuperBatch:
-    """A fetched super-batch: the batch, its size, keys, lazily built reference
-    inputs and the handle of its reference prefetch."""
-
-    __slots__ = ("batch", "size", "keys", "prefetched", "prefetch_error", "_inputs", "_make_inputs")
-
-    def __init__(self, batch: Any, size: int, keys: list[str] | None,
-                 make_inputs: Callable[[Any], dict[str, np.ndarray]]):
-        self.batch, self.size, self.keys = batch, size, keys
-        self.prefetched: Any = None
-        self.prefetch_error: str | None = None
-        self._inputs: dict[str, np.ndarray] | None = None
-        self._make_inputs = make_inputs
-
-    def inputs(self) -> dict[str, np.ndarray]:
-        if self._inputs is None:
-            self._inputs = self._make_inputs(self.batch)
-        return self._inputs
-
-
-class _Breaker:
-    """After a scorer failure, skip the scorer for ``retry_after`` seconds (each skip
-    is a counted fallback), then try it again: a dead scorer costs one timed-out or
-    refused call per ``retry_after`` seconds, not one per step."""
-
-    def __init__(self, retry_after: float):
-        self.retry_after = retry_after
-        self.until = 0.0
-        self.error = ""
-
-    def is_open(self) -> bool:
-        return time.monotonic() < self.until
-
-    def trip(self, error: Exception) -> None:
-        self.until = time.monotonic() + self.retry_after
-        self.error = str(error)
-
-    def reset(self) -> None:
-        self.until = 0.0
+STATE_VERSION = 2
 
 
 class JESTLoader:
@@ -152,11 +99,12 @@ class JESTLoader:
         self.filter_ratio = float(filter_ratio)
         self.n_select = None if n_select is None else int(n_select)
         self.seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy)
+        self._seed_given = seed is not None
         self._key = key
         self._reference_inputs = reference_inputs
         self.prefetch = bool(prefetch)
         self.fallback = fallback
-        self._breaker = _Breaker(float(retry_after))
+        self._breaker = Breaker(float(retry_after))
         self._job, self.dataset = job, str(dataset)  # the keys' dataset: the scorer checks the name
         self.log_every = int(log_every)
         self.stats = LoaderStats()
@@ -167,9 +115,11 @@ class JESTLoader:
         self._step = 0
         self._epoch = 0
         self._consumed = 0
-        self._skip = 0
-        self._resuming = False
+        self._largest = 0
+        self._pending: dict[str, Any] | None = None  # a loaded state, applied by the next epoch
         self._inner_state: Any = None
+        self._inner_save: Any = None  # the wrapped loader's working state_dict, once probed
+        self._order = EpochOrder(loader, self.seed)
         self._warned_no_keys = False
 
     # -- identity ---------------------------------------------------------------------
@@ -189,12 +139,13 @@ class JESTLoader:
 
     @property
     def job_id(self) -> str:
-        """``<job>/rank<r>of<w>``: job from ``job=``, $JEST_JOB_ID, $TORCHELASTIC_RUN_ID or host-pid."""
+        """``<job>/rank<r>of<w>`` (see jest_stream.client.identity): decided at the start of
+        the first epoch, when every rank agrees on the job (rank 0's, broadcast)."""
         if self._job_id is None:
-            base = (self._job or os.environ.get("JEST_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-                    or f"{socket.gethostname()}-{os.getpid()}")
             rank, world = self._ranks()
-            self._job_id = f"{base}/rank{rank}of{world}"
+            base, self.seed = agree(self._job, self.seed, self._seed_given)
+            self._seed_given = True
+            self._job_id = job_id(base, rank, world)
         return self._job_id
 
     @property
@@ -204,9 +155,32 @@ class JESTLoader:
 
     @property
     def epoch(self) -> int:
+        """The current epoch: it moves on when the wrapped loader's last super-batch is
+        yielded (so a framework that stops at ``len()`` sees the right number), or with
+        ``set_epoch``."""
         return self._epoch
 
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` at the next ``iter()`` (frameworks call this; it is passed on
+        to the wrapped loader's ``set_epoch``, its samplers' and its dataset's). The same
+        epoch as a just-loaded state keeps the resume position."""
+        epoch = int(epoch)
+        if self._pending is not None and epoch == self._epoch:
+            return
+        if self._pending is not None:
+            log.warning("set_epoch(%d) after loading a state in epoch %d: the resumed position is "
+                        "dropped, epoch %d starts from its beginning", epoch, self._epoch, epoch)
+            self._pending = None
+        self._epoch, self._consumed, self._inner_state = epoch, 0, None
+
+    @property
+    def sampler(self) -> _EpochHook:
+        """What frameworks call ``sampler.set_epoch(e)`` on (Lightning): forwards to
+        ``set_epoch``."""
+        return _EpochHook(self)
+
     def __len__(self) -> int:
+        """Sub-batches per epoch: the wrapped loader's length."""
         return len(self._loader)  # type: ignore[arg-type]
 
     # -- iteration --------------------------------------------------------------------
@@ -215,21 +189,36 @@ class JESTLoader:
         return self._run_epoch()
 
     def _open(self) -> Iterator[Any]:
-        skip, self._skip = self._skip, 0
+        """``iter()`` of the wrapped loader for the current epoch, positioned where a
+        loaded state says (restored, or replayed)."""
+        pending, self._pending = self._pending, None
+        if pending is None and self._consumed:  # the previous epoch was left mid-way
+            self._epoch, self._consumed, self._inner_state = self._epoch + 1, 0, None
+        if self._inner_save is None:
+            self._inner_save = working_state_dict(self._loader) or False
+        skip = 0
+        if pending is not None:
+            inner = pending.get("inner")
+            if inner is not None and self._inner_save:
+                self._loader.load_state_dict(inner)  # type: ignore[attr-defined]
+            else:
+                skip = self._consumed
+        self._order.seed = self.seed
+        self._order.begin(self._epoch)
         source = iter(self._loader)
         for done in range(skip):  # resume mid-epoch: replay the consumed super-batches
             try:
                 next(source)
             except StopIteration:
-                log.warning("resume: the loader ended after %d of %d consumed super-batches", done, skip)
-                break
+                raise RuntimeError(
+                    f"resume: the wrapped loader ended after {done} super-batches, but {skip} were "
+                    f"consumed in epoch {self._epoch} before the state was saved; it must yield the "
+                    "same super-batches when iterated again (same data, batch size, sampler)") from None
         return source
 
     def _run_epoch(self) -> Iterator[Any]:
         self._ranks()
-        if not self._resuming:
-            self._consumed = 0
-        self._resuming = False
+        self.job_id  # noqa: B018 - agree on the job id (a collective under torch.distributed)
         source = self._open()
         ahead = self._fetch(source)
         while ahead is not None:
@@ -237,18 +226,17 @@ class JESTLoader:
             sub_batch = self._select(ahead)
             self._consumed += 1
             self._step += 1
-            if hasattr(self._loader, "state_dict"):
-                self._inner_state = self._loader.state_dict()  # type: ignore[attr-defined]
+            if self._inner_save:
+                self._inner_state = self._inner_save()
             self.stats.total_seconds += time.perf_counter() - started
             ahead = self._fetch(source)
+            if ahead is None:  # the last one: the epoch is over even if nobody asks for more
+                self._epoch, self._consumed, self._inner_state = self._epoch + 1, 0, None
             if self.log_every and self.stats.sub_batches % self.log_every == 0:
                 log.info("%s: %s", self.job_id, self.stats.summary())
             yield sub_batch
-        self._epoch += 1
-        self._consumed = 0
-        self._inner_state = None
 
-    def _fetch(self, source: Iterator[Any]) -> _SuperBatch | None:
+    def _fetch(self, source: Iterator[Any]) -> SuperBatch | None:
         """The next super-batch, with its reference outputs requested (prefetch)."""
         started = time.perf_counter()
         try:
@@ -260,7 +248,7 @@ class JESTLoader:
         if keys is None and not self._warned_no_keys and self._key is not None:
             log.info("batches have no %r field: the reference cache is not used (pass key=...)", self._key)
             self._warned_no_keys = True
-        item = _SuperBatch(batch, size, keys, self._inputs_of)
+        item = SuperBatch(batch, size, keys, self._inputs_of)
         if self._batch_reference is not None:  # reference="batch": the outputs ride in the batch
             item.prefetched = self._batch_reference.read(batch, size)
         elif self.prefetch and keys and not (self.fallback == "uniform" and self._breaker.is_open()):
@@ -293,13 +281,9 @@ class JESTLoader:
                              f"inputs {names}")
         return {n: to_numpy(raw[n], spec.input(n).dtype, f"reference_inputs[{n!r}]") for n in names}
 
-    def _sub_batch_size(self, size: int) -> int:
-        if self.n_select is not None:
-            return min(self.n_select, size)
-        return max(1, int(round((1.0 - self.filter_ratio) * size)))
-
-    def _select(self, item: _SuperBatch) -> Any:
-        n_select = self._sub_batch_size(item.size)
+    def _select(self, item: SuperBatch) -> Any:
+        self._largest = max(self._largest, item.size)
+        n_select = sub_batch_size(item.size, self._largest, self.n_select, self.filter_ratio)
         started = time.perf_counter()
         with torch.no_grad():
             learner = as_learner_scores(self._score_fn(item.batch))
@@ -327,7 +311,7 @@ class JESTLoader:
         self.stats.record_selection(item.size, len(indices))
         return take(item.batch, indices, item.size)
 
-    def _call_scorer(self, item: _SuperBatch, learner: Losses | Embeddings, n_select: int,
+    def _call_scorer(self, item: SuperBatch, learner: Losses | Embeddings, n_select: int,
                      seed: int) -> np.ndarray | None:
         started = time.perf_counter()
         try:
@@ -366,7 +350,10 @@ class JESTLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader is: seed, step, epoch, super-batches consumed in the epoch,
-        the wrapped loader's own state if it has one, and the stats."""
+        the shuffle generators' states, the wrapped loader's own state if it has a working
+        one, and the stats."""
+        if self._pending is not None:  # loaded and not yet resumed: hand the same state on
+            return dict(self._pending)
         rank, world = self._ranks()
         return {
             "version": STATE_VERSION, "seed": self.seed, "rank": rank, "world_size": world,
@@ -385,17 +372,24 @@ class JESTLoader:
             log.warning("resume: state was saved by rank %s of %s, loaded by rank %d of %d; "
                         "selections will differ from the interrupted run",
                         state["rank"], state["world_size"], rank, world)
-        self.seed = int(state["seed"])
+        self.seed, self._seed_given = int(state["seed"]), True
         self._step = int(state["step"])
         self._epoch = int(state["epoch"])
         self._consumed = int(state["consumed"])
-        inner = state.get("inner")
-        if inner is not None and hasattr(self._loader, "load_state_dict"):
-            self._loader.load_state_dict(inner)  # type: ignore[attr-defined]
-            self._skip = 0
-        else:
-            self._skip = self._consumed
-        self._inner_state = inner
-        self._resuming = True
+        self._inner_state = state.get("inner")
+        self._pending = dict(state)
         self.stats = LoaderStats()
         self.stats.load_state_dict(state.get("stats", {}))
+
+
+class _EpochHook:
+    """``loader.sampler`` as frameworks see it: ``set_epoch`` reaches the JESTLoader."""
+
+    def __init__(self, loader: JESTLoader):
+        self._loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self._loader.set_epoch(epoch)
+
+    def __repr__(self) -> str:
+        return f"<epoch hook of JESTLoader at epoch {self._loader.epoch}>"

@@ -1,0 +1,163 @@
+"""Exact resume with a shuffling loader: a run stopped in the middle of epoch 1 or 3,
+rebuilt from scratch (new DataLoader, new generator, new model) and restored from its
+state_dicts, yields the same next sub-batches as an uninterrupted run. Plain
+DataLoader and torchdata's StatefulDataLoader, with and without a seeded generator."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from jest_stream import JESTLoader, LocalScorer, per_example_cross_entropy
+
+B = 64  # 640 examples: 10 super-batches per epoch
+
+
+class Digits(Dataset):
+    def __init__(self, digits, n: int = 640):
+        self.x = torch.from_numpy(digits["x"][:n])
+        self.y = torch.from_numpy(digits["y"][:n])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "y": self.y[i], "__key__": f"digit-{i:05d}"}
+
+
+class Run:
+    """What a training script builds after a restart: model, optimiser, a fresh shuffling
+    loader (its generator freshly seeded, or none) and the JESTLoader around it."""
+
+    def __init__(self, data, scorer, loader_cls, seeded: bool):
+        torch.manual_seed(1)
+        self.model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.5)
+        generator = torch.Generator().manual_seed(7) if seeded else None
+        base = loader_cls(data, batch_size=B, shuffle=True, generator=generator)
+        self.loader = JESTLoader(base, self.score, scorer, filter_ratio=0.75, seed=5)
+
+    def score(self, batch):
+        return per_example_cross_entropy(self.model(batch["x"]), batch["y"])
+
+    def train(self, n: int) -> list[list[str]]:
+        seen: list[list[str]] = []
+        while len(seen) < n:
+            for batch in self.loader:
+                loss = torch.nn.functional.cross_entropy(self.model(batch["x"]), batch["y"])
+                self.opt.zero_grad()
+                loss.backward()
+                self.opt.step()
+                seen.append(batch["__key__"])
+                if len(seen) == n:
+                    break
+        return seen
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                              "loader": self.loader.state_dict()})
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.loader.load_state_dict(state["loader"])
+
+
+@pytest.fixture(scope="module")
+def scorer(per_example_model):
+    with LocalScorer(per_example_model, intra_op_threads=1) as s:
+        yield s
+
+
+@pytest.mark.parametrize("loader_cls", [DataLoader, StatefulDataLoader], ids=["DataLoader", "StatefulDataLoader"])
+@pytest.mark.parametrize("seeded", [False, True], ids=["no-generator", "seeded-generator"])
+@pytest.mark.parametrize("epoch", [1, 3])
+def test_shuffled_resume_mid_epoch_is_exact(scorer, digits, loader_cls, seeded, epoch):
+    data = Digits(digits)
+    stop_at, then = epoch * 10 + 4, 9  # 4 sub-batches into the epoch, then past its end
+    expected = Run(data, scorer, loader_cls, seeded).train(stop_at + then)
+    first = Run(data, scorer, loader_cls, seeded)
+    assert first.train(stop_at) == expected[:stop_at]
+    assert (first.loader.epoch, first.loader.step) == (epoch, stop_at)
+    state = first.state_dict()
+    del first  # the interruption
+    second = Run(data, scorer, loader_cls, seeded)
+    second.load_state_dict(state)
+    got = second.train(then)
+    assert got == expected[stop_at:], f"resumed in epoch {epoch}: the next sub-batches differ"
+    assert second.loader.epoch == epoch + 1
+    # Epochs still reshuffle: the same positions of two epochs hold different keys.
+    assert expected[0] != expected[10] and expected[10] != expected[20]
+
+
+def test_resume_at_an_epoch_boundary_is_exact(scorer, digits):
+    data = Digits(digits)
+    expected = Run(data, scorer, DataLoader, True).train(25)
+    first = Run(data, scorer, DataLoader, True)
+    first.train(20)
+    state = first.state_dict()
+    assert (state["loader"]["epoch"], state["loader"]["consumed"]) == (2, 0)  # the last sub-batch ended the epoch
+    second = Run(data, scorer, DataLoader, True)
+    second.load_state_dict(state)
+    assert second.train(5) == expected[20:]
+
+
+def test_a_short_replay_on_resume_raises(scorer, digits):
+    first = Run(Digits(digits), scorer, DataLoader, False)
+    first.train(6)
+    state = first.state_dict()
+    second = Run(Digits(digits, n=4 * B), scorer, DataLoader, False)  # the data shrank: 4 batches
+    second.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="ended after 4 super-batches, but 6 were consumed"):
+        second.train(1)
+
+
+def test_epoch_and_len_stay_right_when_a_framework_stops_at_len(scorer, digits):
+    run = Run(Digits(digits), scorer, DataLoader, False)
+    assert len(run.loader) == 10
+    for _ in range(2):  # like Lightning: take exactly len() items, never ask for one more
+        it = iter(run.loader)
+        for _ in range(len(run.loader)):
+            next(it)
+    assert (run.loader.epoch, run.loader.step) == (2, 20)
+    assert run.loader.state_dict()["consumed"] == 0
+
+
+def test_set_epoch_reaches_the_wrapped_sampler(scorer, digits):
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(Digits(digits), num_replicas=2, rank=0, shuffle=True, seed=3)
+    loader = JESTLoader(DataLoader(Digits(digits), batch_size=B, sampler=sampler),
+                        lambda b: per_example_cross_entropy(torch.zeros(len(b["y"]), 10), b["y"]),
+                        scorer, n_select=16, seed=0)
+    loader.sampler.set_epoch(4)  # what Lightning calls on a loader's .sampler
+    epoch = iter(loader)
+    next(epoch)
+    assert sampler.epoch == 4 and loader.epoch == 4
+    for _ in epoch:  # finish epoch 4; the next one is passed on by itself
+        pass
+    next(iter(loader))
+    assert sampler.epoch == 5
+    next(iter(loader))  # a new iter() after an epoch left mid-way starts the next epoch
+    assert sampler.epoch == 6 and loader.epoch == 6
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n_select": 80}, "n_select=80 of a super-batch of B=64"),
+    ({"n_select": 64}, "n_select=64 of a super-batch of B=64"),
+    ({"filter_ratio": 0.001}, "filter_ratio=0.001 keeps b=64 of a super-batch of B=64"),
+])
+def test_a_sub_batch_that_selects_nothing_is_refused(scorer, digits, kwargs, message):
+    loader = JESTLoader(DataLoader(Digits(digits), batch_size=B), lambda b: torch.zeros(len(b["y"])),
+                        scorer, seed=0, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        next(iter(loader))
+
+
+def test_a_short_last_super_batch_is_kept_whole(scorer, digits):
+    loader = JESTLoader(DataLoader(Digits(digits, n=B + 10), batch_size=B), lambda b: torch.zeros(len(b["y"])),
+                        scorer, n_select=16, seed=0)
+    assert [len(sub["y"]) for sub in loader] == [16, 10]
