@@ -1,0 +1,55 @@
+"""Run by ``accelerate launch --cpu --num_processes 2``: 2 epochs through a JESTLoader
+around the prepared DataLoader; each rank writes the keys it trained on, per epoch."""
+import json
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, Dataset
+
+from jest_stream import JESTLoader, LocalScorer, per_example_cross_entropy
+
+
+class Digits(Dataset):
+    def __init__(self, n: int = 640):
+        data = load_digits()
+        self.x = torch.tensor(data.data[:n] / 16.0, dtype=torch.float32)
+        self.y = torch.tensor(data.target[:n], dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i], "__key__": f"digit-{i:05d}"}
+
+
+def main(out_dir: str, model_path: str) -> None:
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt, base = accelerator.prepare(model, opt, DataLoader(Digits(), batch_size=64, shuffle=True))
+    loader = JESTLoader(base, lambda b: per_example_cross_entropy(model(b["x"]), b["y"]),
+                        LocalScorer(model_path, intra_op_threads=1), n_select=16, seed=3)
+    epochs = []
+    for _ in range(2):
+        keys = []
+        for batch in loader:
+            loss = torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            keys.append(batch["__key__"])
+        epochs.append(keys)
+    with open(os.path.join(out_dir, f"rank{accelerator.process_index}.json"), "w") as fh:
+        json.dump({"epochs": epochs, "job_id": loader.job_id, "len": len(loader),
+                   "fallbacks": loader.stats.fallbacks}, fh)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
