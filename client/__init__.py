@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 
+from jest_stream.client.distributed import shard
 from jest_stream.client.learner import (per_example_cross_entropy, sigmoid_contrastive_embeddings,
                                         softmax_contrastive_embeddings)
 from jest_stream.client.loader import JESTLoader
@@ -22,7 +23,7 @@ from jest_stream.contract import ModelSpec
 __all__ = [
     "JESTLoader", "LoaderStats", "LocalScorer", "ModelSpec", "ReferenceWatch", "RemoteScorer", "Scorer", "ScorerError",
     "ScorerRejected", "ScorerUnavailable", "export_reference", "per_example_cross_entropy",
-    "sigmoid_contrastive_embeddings", "softmax_contrastive_embeddings",
+    "shard", "sigmoid_contrastive_embeddings", "softmax_contrastive_embeddings",
 ]
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from jest_stream.client.batches import batch_size, fields_by_name, keys_of, take, to_numpy
+from jest_stream.client.distributed import warn_if_unsharded
 from jest_stream.client.identity import agree, distributed_rank, job_id
 from jest_stream.client.learner import all_finite, as_learner_scores
 from jest_stream.client.resume import EpochOrder, working_state_dict
@@ -194,8 +195,9 @@ class JESTLoader:
         pending, self._pending = self._pending, None
         if pending is None and self._consumed:  # the previous epoch was left mid-way
             self._epoch, self._consumed, self._inner_state = self._epoch + 1, 0, None
-        if self._inner_save is None:
+        if self._inner_save is None:  # first epoch: probe the wrapped loader once
             self._inner_save = working_state_dict(self._loader) or False
+            warn_if_unsharded(self._loader)
         skip = 0
         if pending is not None:
             inner = pending.get("inner")
@@ -337,6 +339,11 @@ class JESTLoader:
         self.stats.record_score(outcome.mean_score, outcome.mean_score_all, outcome.cache_hits,
                                 outcome.cache_misses)
         self._watcher.observe(outcome, self.stats, self.job_id, self._step)
+        warmed = getattr(item.prefetched, "cache_hits", None)  # a prefetch's reply: first contact
+        if warmed is not None:
+            self.stats.record_reference(warmed, item.prefetched.cache_misses + outcome.cache_misses)
+        else:
+            self.stats.record_reference(outcome.cache_hits, outcome.cache_misses)
         return indices
 
     def _fall_back(self, reason: str, detail: str) -> None:
@@ -368,16 +375,21 @@ class JESTLoader:
             raise ValueError(f"state: version {state.get('version')!r} is not {STATE_VERSION}; it was "
                              "saved by an incompatible jest-stream")
         rank, world = self._ranks()
-        if (state["rank"], state["world_size"]) != (rank, world):
+        state = dict(state)
+        if state["world_size"] != world:
             log.warning("resume: state was saved by rank %s of %s, loaded by rank %d of %d; "
                         "selections will differ from the interrupted run",
                         state["rank"], state["world_size"], rank, world)
+        elif state["rank"] != rank:  # one checkpoint for all ranks (Lightning's, rank 0's)
+            log.info("resume: rank %d loads rank %s's state: same position, this rank's own shard "
+                     "is replayed", rank, state["rank"])
+            state["inner"] = None  # the wrapped loader's state is rank 0's, not ours
         self.seed, self._seed_given = int(state["seed"]), True
         self._step = int(state["step"])
         self._epoch = int(state["epoch"])
         self._consumed = int(state["consumed"])
         self._inner_state = state.get("inner")
-        self._pending = dict(state)
+        self._pending = state
         self.stats = LoaderStats()
         self.stats.load_state_dict(state.get("stats", {}))
 

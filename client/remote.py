@@ -154,6 +154,8 @@ class _Prefetch:
     model: str
     keys: list[str]
     outputs: bool = False
+    cache_hits: int | None = None  # the Reference reply's figures, once it came
+    cache_misses: int | None = None
 
 
 def _known_as(model: str, dataset: str, job_id: str) -> str:
@@ -369,6 +371,7 @@ class RemoteScorer:
             log.debug("reference prefetch failed, the Select sends inputs: %s", exc)
             return False
         self._known.add(handle.model, handle.keys, reply.model_version)
+        handle.cache_hits, handle.cache_misses = int(reply.cache_hits), int(reply.cache_misses)
         return True
 
     def select_request(self, call: SelectCall, with_inputs: bool = True) -> pb.SelectRequest:

@@ -3,11 +3,17 @@
 Sub-batches, examples seen and selected, mean score (learnability) of the selected
 examples and of whole super-batches, the learner's and the reference's mean loss on
 the super-batches (and the share of examples where the reference's is the higher),
-reference-cache hits, fallbacks by reason, and
+reference-cache figures, fallbacks by reason, and
 where the loader's time went: fetching super-batches, the learner's own scoring
 (``score_fn``), waiting on the scorer, and the rest (``total_seconds`` covers all
 of it, the training step excluded), so that the loader's own overhead is
 ``total_seconds - learner_seconds`` beside a plain DataLoader.
+
+Two cache figures: ``cache_hits``/``cache_misses`` are what the Select replies say;
+against a server, the prefetch has already warmed the cache, so they show hits from
+step 1. ``reference_cached``/``reference_inferred`` count each super-batch's rows at
+first contact (the prefetch's Reference reply when there was one, else the Select's):
+rows served from the cache vs rows the reference model ran on.
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ class LoaderStats:
     last_learner_loss: float = math.nan
     last_reference_loss: float = math.nan
     last_reference_above: float = math.nan
+    reference_cached: int = 0
+    reference_inferred: int = 0
     fallbacks: int = 0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     fetch_seconds: float = 0.0
@@ -69,6 +77,11 @@ class LoaderStats:
             self.learner_loss_sum += learner_loss
             self.reference_loss_sum += reference_loss
             self.reference_above_sum += reference_above
+
+    def record_reference(self, cached: int, inferred: int) -> None:
+        """One super-batch's rows at first contact: from the cache, or inferred."""
+        self.reference_cached += cached
+        self.reference_inferred += inferred
 
     def record_latency(self, seconds: float) -> None:
         self.scorer_seconds += seconds
@@ -130,6 +143,20 @@ class LoaderStats:
                    scorer_latency_p95_ms=self.latency_ms(0.95),
                    overhead_seconds=self.overhead_seconds)
         return out
+
+    def scalars(self, prefix: str = "") -> dict[str, float]:
+        """Every figure as a flat ``{name: number}`` dict (fallback reasons as
+        ``fallbacks/<reason>``), ready for ``SummaryWriter.add_scalar``, ``wandb.log`` or
+        Lightning's ``log_dict``; ``prefix`` (e.g. ``"jest/"``) goes before each name."""
+        flat: dict[str, float] = {}
+        for name, value in self.as_dict().items():
+            if isinstance(value, dict):
+                flat.update({f"{name}/{k}": float(v) for k, v in value.items()})
+            else:
+                flat[name] = float(value)
+        rows = self.reference_cached + self.reference_inferred
+        flat["reference_cached_fraction"] = self.reference_cached / rows if rows else float("nan")
+        return {prefix + k: v for k, v in flat.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The counters (not the latency window), for the loader's state_dict."""
