@@ -2,6 +2,14 @@
 
 ONNX Runtime is imported only here (and only when the engine starts), so a trainer
 that talks to a shared scorer never needs it.
+
+Threads: the embedded scorer runs beside torch, which already keeps a thread per core
+busy. Left at their defaults, ONNX Runtime's intra-op pool and numpy's BLAS (the
+selection's matrix products) each start one thread per core too and fight torch for
+them: a Select that takes under a millisecond idle can take tens of milliseconds
+inside a training loop. So a LocalScorer bounds both: ``intra_op_threads`` defaults to
+``cores // torch.get_num_threads()`` (1 when torch uses every core) and
+``blas_threads`` (applied with threadpoolctl around each Select) to 1.
 """
 from __future__ import annotations
 
@@ -12,12 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from jest_stream.client.learner import on_host
 from jest_stream.client.scorer import (InputsFn, KeyMemory, ReferenceOutputs, ScorerRejected, ScorerUnavailable,
                                        SelectCall)
 from jest_stream.contract import ModelSpec
 from jest_stream.selection import Selection
+
+
+def default_intra_op_threads() -> int:
+    """ONNX Runtime threads beside torch: the cores torch leaves (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
 
 
 class LocalScorer:
@@ -32,7 +46,8 @@ class LocalScorer:
 
     def __init__(self, path: str | os.PathLike | Mapping[str, str | os.PathLike], *,
                  name: str | None = None, cache_bytes: int = 1 << 30, cache_file: str | None = None,
-                 intra_op_threads: int | None = None, providers: Sequence[str] | None = None):
+                 intra_op_threads: int | None = None, blas_threads: int = 1,
+                 providers: Sequence[str] | None = None):
         if isinstance(path, Mapping):
             if name is not None:
                 raise ValueError("name: give names as the keys of the path mapping instead")
@@ -43,8 +58,15 @@ class LocalScorer:
             if not Path(p).is_file():
                 raise FileNotFoundError(f"path: reference model {model!r} file {p!r} does not exist; "
                                         "export one with jest_stream.export_reference")
+        if intra_op_threads is None:
+            intra_op_threads = default_intra_op_threads()
+        for field, value in (("intra_op_threads", intra_op_threads), ("blas_threads", blas_threads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field}: expected an integer >= 1, got {value!r}")
+        self.intra_op_threads, self.blas_threads = intra_op_threads, blas_threads
         self._engine_kwargs = dict(cache_bytes=cache_bytes, cache_file=cache_file,
                                    intra_op_threads=intra_op_threads, providers=providers)
+        self._blas: Any = None
         self._engine: Any = None
         self._pid = -1
         self._lock = threading.Lock()
@@ -76,6 +98,14 @@ class LocalScorer:
     def prefetch(self, model: str, job_id: str, keys: Sequence[str], inputs: InputsFn,
                  outputs: bool = False, dataset: str = "") -> None:
         return None
+
+    def blas_limit(self) -> Any:
+        """A context that holds numpy's BLAS to ``blas_threads`` threads (threadpoolctl)."""
+        if self._blas is None:
+            from threadpoolctl import ThreadpoolController
+
+            self._blas = ThreadpoolController()
+        return self._blas.limit(limits=self.blas_threads, user_api="blas")
 
     def _cached_call(self, model: str, dataset: str, job_id: str, keys: list[str] | None,
                      inputs: InputsFn | None, run: Callable[[dict[str, np.ndarray] | None, str], Any]) -> Any:
@@ -114,10 +144,11 @@ class LocalScorer:
         engine = self.engine
         keys = list(call.keys) if call.keys else None
         learner = on_host(call.learner)  # scorer-side selection runs on the host
-        return self._cached_call(call.model, call.dataset, call.job_id, keys, call.inputs,
-                                 lambda inputs, space: engine.select(
-                                     call.model, learner=learner, n_select=call.n_select, keys=keys,
-                                     inputs=inputs, options=call.options, seed=call.seed, dataset=space))
+        with self.blas_limit():
+            return self._cached_call(call.model, call.dataset, call.job_id, keys, call.inputs,
+                                     lambda inputs, space: engine.select(
+                                         call.model, learner=learner, n_select=call.n_select, keys=keys,
+                                         inputs=inputs, options=call.options, seed=call.seed, dataset=space))
 
     def reference(self, model: str, job_id: str, keys: Sequence[str] | None, inputs: InputsFn | None,
                   prefetched: Any = None, dataset: str = "") -> ReferenceOutputs:
@@ -137,7 +168,7 @@ class LocalScorer:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_engine=None, _pid=-1, _lock=None, _models=None, _known=None)
+        state.update(_engine=None, _pid=-1, _lock=None, _models=None, _known=None, _blas=None)
         return state
 
     def __setstate__(self, state: dict) -> None:

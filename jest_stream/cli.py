@@ -27,6 +27,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "trainer-step": ("jest_stream.bench.trainer_step", "trainer-side selection step (select_on='trainer')"),
     "isolation": ("jest_stream.bench.isolation", "a good job beside floods, heavy jobs and unauthenticated "
                   "giants: p99, RSS, wrong answers"),
+    "threads": ("jest_stream.bench.threads", "a local Select inside a training step vs idle, threads bounded or not"),
 }
 
 
