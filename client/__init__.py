@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import importlib
 
-from jest_stream.client.distributed import shard
+from jest_stream.extras import require
+
+require("torch", "jest_stream.client (the trainer side)", "client")
+require("grpc", "jest_stream.client (the trainer side)", "client")
+
+from jest_stream.client.distributed import shard  # noqa: E402 - after the extra check
 from jest_stream.client.learner import (per_example_cross_entropy, sigmoid_contrastive_embeddings,
                                         softmax_contrastive_embeddings)
 from jest_stream.client.loader import JESTLoader

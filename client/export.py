@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from jest_stream.contract import OUTPUTS_BY_KIND, ModelContract
+from jest_stream.extras import require
 from jest_stream.options import check_name
 from jest_stream.outputs import LOSS_KINDS
 
@@ -75,6 +76,7 @@ def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str
     checked in ONNX Runtime against torch, on the example batch and on a larger one (the
     batch axis is dynamic). Returns the contract written.
     """
+    require("onnx", "export_reference", "local")
     check_name(kind, LOSS_KINDS, "kind")
     if isinstance(example_inputs, Mapping):
         if input_names is not None and tuple(input_names) != tuple(example_inputs):

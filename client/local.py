@@ -81,6 +81,9 @@ class LocalScorer:
         """The ScoringEngine, created on first use in this process."""
         with self._lock:
             if self._engine is None or self._pid != os.getpid():
+                from jest_stream.extras import require
+
+                require("onnxruntime", "LocalScorer (the embedded scorer)", "local")
                 from jest_stream.server.engine import ScoringEngine  # onnxruntime only here
 
                 self._engine = ScoringEngine(self._paths, **self._engine_kwargs)

@@ -75,6 +75,25 @@ def _split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def check_target(target: str | Sequence[str]) -> None:
+    """Refuse a target gRPC would misread: an address without a port (gRPC dials 443)."""
+    if isinstance(target, str):
+        if target.strip().startswith(_SCHEMES):
+            return
+        addresses = [a for a in target.split(",") if a.strip()]
+    else:
+        addresses = list(target)
+    for address in addresses:
+        if not isinstance(address, str):
+            raise TypeError(f"target: expected host:port strings, got {type(address).__name__}")
+        host, sep, port = address.strip().rpartition(":")
+        if not sep or not port.isdigit() or not host or (host.count(":") and not host.startswith("[")):
+            raise ValueError(f"target: {address!r} has no port; expected host:port (e.g. 'scorer:50051'), "
+                             "[ipv6]:port or dns:///name:port")
+    if not addresses:
+        raise ValueError("target: no address given; expected host:port, dns:///name:port or a list")
+
+
 def channel_target(target: str | Sequence[str]) -> tuple[str, bool]:
     """The gRPC target string for ``target`` and whether it may name several servers.
 
@@ -197,6 +216,7 @@ class RemoteScorer:
             raise ValueError(f"timeout: must be > 0 seconds, got {timeout}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts: must be >= 1, got {max_attempts}")
+        check_target(target)
         self.target = target if isinstance(target, str) else list(target)
         self.timeout = float(timeout)
         self.max_message_bytes = int(max_message_bytes)

@@ -10,6 +10,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from jest_stream import __version__
+from jest_stream.extras import install_hint, is_third_party
+
 # name -> (module with main(argv) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("jest_stream.server.cli", "run the gRPC scoring server (reference models in ONNX Runtime)"),
@@ -17,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "precompute": ("jest_stream.server.precompute", "fill a reference cache file from WebDataset shards"),
     "demo": ("jest_stream.demo.cli", "train on noisy digits with uniform, RHO-LOSS and JEST selection"),
 }
+# The extra each command needs (benchmarks: by name).
+EXTRAS: dict[str, str] = {"serve": "server", "health": "server", "precompute": "server", "demo": "demo",
+                          "server": "local", "loader": "local", "soak": "local",
+                          "threads": "local"}
 BENCHES: dict[str, tuple[str, str]] = {
     "selection": ("jest_stream.bench.selection", "selection speed vs the matmul floor and a B x B implementation"),
     "gpu": ("jest_stream.bench.gpu", "paper-scale joint selection on torch-CUDA and CuPy beside its matmul floor"),
@@ -32,7 +39,7 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: jest-stream COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: jest-stream [--version] COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["  bench NAME   benchmarks, printing JSON with --json:"]
     lines += [f"    {name:<10} {help_}" for name, (_, help_) in BENCHES.items()]
@@ -45,8 +52,15 @@ def _run(table: dict[str, tuple[str, str]], name: str, argv: list[str], what: st
         print(f"jest-stream: unknown {what} {name!r}; expected one of {', '.join(table)}\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
-    module = importlib.import_module(table[name][0])
-    return int(module.main(argv) or 0)
+    try:
+        module = importlib.import_module(table[name][0])
+        return int(module.main(argv) or 0)
+    except ModuleNotFoundError as exc:
+        if not is_third_party(exc):
+            raise
+        label = f"bench {name}" if table is BENCHES else name
+        print(f"jest-stream: {install_hint(exc.name, f'jest-stream {label}', EXTRAS.get(name))}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(f"jest-stream {__version__}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args[0] == "bench":
         if len(args) < 2 or args[1] in ("-h", "--help"):

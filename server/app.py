@@ -100,16 +100,25 @@ class ScoringServer:
              reflection.SERVICE_NAME), self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{c.host}:{c.port}"
-        if c.tls_cert and c.tls_key:
-            creds = grpc.ssl_server_credentials([(c.tls_key, c.tls_cert)])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if c.tls_cert and c.tls_key:
+                creds = grpc.ssl_server_credentials([(c.tls_key, c.tls_cert)])
+                self.port = self.server.add_secure_port(address, creds)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc: "Failed to bind to address"
+            self.port = 0
         if not self.port:
-            raise OSError(f"--port: cannot bind {address}")
+            raise OSError(f"--port {c.port}: cannot listen on {address} (in use, or not an address of "
+                          "this host); pick another with --port or JEST_PORT")
         await self.server.start()
         if c.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(c.metrics_port, c.metrics_host)
+            try:
+                self.metrics_port = self.metrics.serve(c.metrics_port, c.metrics_host)
+            except OSError as exc:
+                raise OSError(f"--metrics-port {c.metrics_port}: cannot listen on {c.metrics_host}:"
+                              f"{c.metrics_port} ({exc.strerror}); pick another with --metrics-port or "
+                              "JEST_METRICS_PORT") from None
             log.info("metrics on http://%s:%d/metrics", c.metrics_host, self.metrics_port)
         log.info("listening on %s:%d (%s%s), loading %d model(s)", c.host, self.port,
                  "TLS" if c.tls_cert else "plaintext", ", bearer token" if c.token else "", len(c.models))

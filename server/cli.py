@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
             elif kw.get("action") == "store_true":
                 default = raw.lower() in ("1", "true", "yes", "on")
             else:
-                default = kw.get("type", str)(raw)
+                conv = kw.get("type", str)
+                try:
+                    default = conv(raw)
+                except (ValueError, argparse.ArgumentTypeError) as exc:
+                    raise SystemExit(f"{env}={raw!r}: not a valid {flag} "
+                                     f"({getattr(conv, '__name__', 'value')} expected: {exc})") from None
         p.add_argument(flag, default=default, help=f"{help_} [env {env}]", **kw)
 
     add("--model", "reference model NAME=PATH (repeatable; env: comma-separated)", action="append", type=_model)
