@@ -1,11 +1,20 @@
 """Regenerate the committed gRPC stubs in jest_stream/v1/ from protos/.
 
 Run after editing a .proto: ``python protos/generate.py``. The test suite checks
-that the committed stubs match what this produces, so they never drift.
+that the committed stubs match what this produces, so they never drift. The .proto
+itself is copied next to the stubs, so that the wheel carries the wire contract.
+
+The committed stubs are generated with grpcio-tools 1.62 (protobuf 4.25 gencode), in
+a venv of its own (``python -m venv /tmp/gt && /tmp/gt/bin/pip install
+grpcio-tools==1.62.3 && /tmp/gt/bin/python protos/generate.py``): newer generators
+add runtime checks that require protobuf and grpcio at least as new as themselves,
+which would forbid the protobuf < 7 that other packages (tritonclient[grpc]) need.
+Such old gencode runs on every newer protobuf runtime.
 """
 from __future__ import annotations
 
 import pathlib
+import shutil
 import sys
 
 PROTO_ROOT = pathlib.Path(__file__).resolve().parent
@@ -20,6 +29,8 @@ def generate(out_dir: pathlib.Path) -> None:
             f"--grpc_python_out={out_dir}", *PROTOS]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTOS}")
+    for proto in PROTOS:
+        shutil.copyfile(PROTO_ROOT / proto, out_dir / proto)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -132,7 +131,7 @@ class ReferenceRequest(_message.Message):
     inputs: _containers.MessageMap[str, Tensor]
     return_outputs: bool
     dataset: str
-    def __init__(self, model: _Optional[str] = ..., job_id: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., return_outputs: _Optional[bool] = ..., dataset: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., job_id: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., return_outputs: bool = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class ReferenceResponse(_message.Message):
     __slots__ = ("outputs", "cache_hits", "cache_misses", "model_version", "nonfinite_reference")

@@ -65,6 +65,19 @@ def test_maps_round_trip():
     assert set(back) == {"x", "y"} and back["y"].tolist() == [1, 2]
 
 
+def _stub_contents(folder) -> tuple[bytes, set[str], set[str]]:
+    """What a generator version does not change: the serialized file descriptor, the
+    RPC paths of the gRPC stub and the names the .pyi declares."""
+    import ast
+    import re
+
+    pb2 = (folder / "scorer_pb2.py").read_text()
+    descriptor = ast.literal_eval(re.search(r"AddSerializedFile\((b'.*?')\)", pb2).group(1))
+    paths = set(re.findall(r"'(/jest_stream\.v1\.\w+/\w+)'", (folder / "scorer_pb2_grpc.py").read_text()))
+    names = set(re.findall(r"^\s*(?:class (\w+)|(\w+): )", (folder / "scorer_pb2.pyi").read_text(), re.M))
+    return descriptor, paths, {a or b for a, b in names}
+
+
 def test_committed_stubs_match_the_proto(tmp_path):
     sys.path.insert(0, str(ROOT / "protos"))
     try:
@@ -72,7 +85,18 @@ def test_committed_stubs_match_the_proto(tmp_path):
     finally:
         sys.path.pop(0)
     generate.generate(tmp_path)
-    for name in ("scorer_pb2.py", "scorer_pb2.pyi", "scorer_pb2_grpc.py"):
-        fresh = (tmp_path / "jest_stream" / "v1" / name).read_text()
-        committed = (ROOT / "jest_stream" / "v1" / name).read_text()
-        assert fresh == committed, f"jest_stream/v1/{name} is stale: run python protos/generate.py"
+    fresh = _stub_contents(tmp_path / "jest_stream" / "v1")
+    committed = _stub_contents(ROOT / "jest_stream" / "v1")
+    assert fresh[0] == committed[0], "jest_stream/v1/scorer_pb2.py is stale: run python protos/generate.py"
+    assert fresh[1] == committed[1] and fresh[1], "jest_stream/v1/scorer_pb2_grpc.py is stale"
+    assert fresh[2] == committed[2] and fresh[2], "jest_stream/v1/scorer_pb2.pyi is stale"
+    proto = "jest_stream/v1/scorer.proto"
+    assert (ROOT / proto).read_text() == (ROOT / "protos" / proto).read_text(), f"{proto} is stale"
+
+
+def test_committed_stubs_run_on_old_protobuf():
+    """Generated with grpcio-tools 1.62 (protobuf 4.25 gencode): no runtime version check
+    ties them to a newer protobuf, so tritonclient's protobuf < 7 can sit beside them."""
+    text = (ROOT / "jest_stream" / "v1" / "scorer_pb2.py").read_text()
+    assert "# Protobuf Python Version: 4.25.1" in text and "ValidateProtobufRuntimeVersion" not in text
+    assert "GRPC_GENERATED_VERSION" not in (ROOT / "jest_stream" / "v1" / "scorer_pb2_grpc.py").read_text()
