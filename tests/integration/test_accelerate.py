@@ -15,24 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Dataset
+from keyed import KeyedDigits as Digits, learner, train
+from torch.utils.data import DataLoader
 
 from jest_stream import JESTLoader, LocalScorer, per_example_cross_entropy
 
 B = 64
 SCRIPT = Path(__file__).parent / "scripts" / "accelerate_train.py"
-
-
-class Digits(Dataset):
-    def __init__(self, digits, n: int = 640):
-        self.x = torch.from_numpy(digits["x"][:n])
-        self.y = torch.from_numpy(digits["y"][:n])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": self.y[i], "__key__": f"digit-{i:05d}"}
 
 
 class Run:
@@ -42,8 +31,7 @@ class Run:
 
     def __init__(self, digits, scorer):
         self.accelerator = Accelerator()
-        torch.manual_seed(1)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        model = learner()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         base = DataLoader(Digits(digits), batch_size=B, shuffle=True)
         self.model, self.opt, self.base = self.accelerator.prepare(model, opt, base)
@@ -54,17 +42,7 @@ class Run:
         return per_example_cross_entropy(self.model(batch["x"]), batch["y"])
 
     def train(self, n: int) -> list[list[str]]:
-        seen: list[list[str]] = []
-        while len(seen) < n:
-            for batch in self.loader:
-                loss = torch.nn.functional.cross_entropy(self.model(batch["x"]), batch["y"])
-                self.accelerator.backward(loss)
-                self.opt.step()
-                self.opt.zero_grad()
-                seen.append(batch["__key__"])
-                if len(seen) == n:
-                    break
-        return seen
+        return train(self.loader, self.model, self.opt, n, backward=self.accelerator.backward)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 transformers = pytest.importorskip("transformers")
 from transformers import PretrainedConfig, PreTrainedModel, TrainingArguments  # noqa: E402
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
+
+from keyed import KeyedDigits  # noqa: E402
 
 from jest_stream import LocalScorer  # noqa: E402
 from jest_stream.client.hf import JESTTrainer  # noqa: E402
@@ -39,18 +40,6 @@ class DigitsModel(PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-class Digits(Dataset):
-    def __init__(self, digits, n: int = 640):
-        self.x = torch.from_numpy(digits["x"][:n])
-        self.y = torch.from_numpy(digits["y"][:n])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "labels": self.y[i], "__key__": f"digit-{i:05d}"}
-
-
 class Recorder(transformers.TrainerCallback):
     def __init__(self):
         self.epochs: list[float] = []
@@ -69,7 +58,7 @@ def test_two_epochs_on_selected_sub_batches(per_example_model, digits, tmp_path)
                              dataloader_num_workers=0, disable_tqdm=True, seed=0)
     recorder = Recorder()
     with LocalScorer(per_example_model, intra_op_threads=1) as scorer:
-        trainer = JESTTrainer(model=DigitsModel(DigitsConfig()), args=args, train_dataset=Digits(digits),
+        trainer = JESTTrainer(model=DigitsModel(DigitsConfig()), args=args, train_dataset=KeyedDigits(digits, label="labels"),
                               scorer=scorer, callbacks=[recorder],
                               jest={"n_select": b, "seed": 0,
                                     "reference_inputs": lambda batch: {"x": batch["x"], "y": batch["labels"]}})

@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from keyed import KeyedDigits as Digits, learner, train
+from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from jest_stream import JESTLoader, LocalScorer, per_example_cross_entropy
@@ -16,25 +17,12 @@ from jest_stream import JESTLoader, LocalScorer, per_example_cross_entropy
 B = 64  # 640 examples: 10 super-batches per epoch
 
 
-class Digits(Dataset):
-    def __init__(self, digits, n: int = 640):
-        self.x = torch.from_numpy(digits["x"][:n])
-        self.y = torch.from_numpy(digits["y"][:n])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": self.y[i], "__key__": f"digit-{i:05d}"}
-
-
 class Run:
     """What a training script builds after a restart: model, optimiser, a fresh shuffling
     loader (its generator freshly seeded, or none) and the JESTLoader around it."""
 
     def __init__(self, data, scorer, loader_cls, seeded: bool):
-        torch.manual_seed(1)
-        self.model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        self.model = learner()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.5)
         generator = torch.Generator().manual_seed(7) if seeded else None
         base = loader_cls(data, batch_size=B, shuffle=True, generator=generator)
@@ -44,17 +32,7 @@ class Run:
         return per_example_cross_entropy(self.model(batch["x"]), batch["y"])
 
     def train(self, n: int) -> list[list[str]]:
-        seen: list[list[str]] = []
-        while len(seen) < n:
-            for batch in self.loader:
-                loss = torch.nn.functional.cross_entropy(self.model(batch["x"]), batch["y"])
-                self.opt.zero_grad()
-                loss.backward()
-                self.opt.step()
-                seen.append(batch["__key__"])
-                if len(seen) == n:
-                    break
-        return seen
+        return train(self.loader, self.model, self.opt, n)
 
     def state_dict(self) -> dict:
         return copy.deepcopy({"model": self.model.state_dict(), "opt": self.opt.state_dict(),

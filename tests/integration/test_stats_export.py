@@ -5,23 +5,12 @@ prefetch makes every Select a cache hit."""
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from keyed import KeyedDigits
+from torch.utils.data import DataLoader
 
 from jest_stream import JESTLoader, RemoteScorer, per_example_cross_entropy
 
 B = 64
-
-
-class Digits(Dataset):
-    def __init__(self, digits, n: int = 320):
-        self.x = torch.from_numpy(digits["x"][:n])
-        self.y = torch.from_numpy(digits["y"][:n])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": self.y[i], "__key__": f"stats-{i:05d}"}
 
 
 def test_served_cache_figures_and_tensorboard(start_server, per_example_model, digits, tmp_path):
@@ -32,7 +21,7 @@ def test_served_cache_figures_and_tensorboard(start_server, per_example_model, d
     model = torch.nn.Linear(64, 10)
     writer = SummaryWriter(str(tmp_path / "tb"))
     with RemoteScorer(server.target) as scorer:
-        loader = JESTLoader(DataLoader(Digits(digits), batch_size=B, shuffle=True),
+        loader = JESTLoader(DataLoader(KeyedDigits(digits, n=320, prefix="stats"), batch_size=B, shuffle=True),
                             lambda b: per_example_cross_entropy(model(b["x"]), b["y"]), scorer,
                             n_select=16, seed=0)
         per_epoch = []

@@ -4,32 +4,22 @@ that checkpoint; each rank writes the keys it trained on (per epoch, per fit).""
 import json
 import os
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/integration: keyed.py
+from keyed import KeyedDigits as Digits  # noqa: E402
 
 from jest_stream import JESTLoader, LocalScorer, per_example_cross_entropy
 from jest_stream.client import shard
 from jest_stream.client.lightning import JESTStatsCallback
 
 B = 64
-
-
-class Digits(Dataset):
-    def __init__(self, n: int = 640):
-        data = load_digits()
-        self.x = torch.tensor(data.data[:n] / 16.0, dtype=torch.float32)
-        self.y = torch.tensor(data.target[:n], dtype=torch.int64)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "y": self.y[i], "__key__": f"digit-{i:05d}"}
 
 
 class Model(pl.LightningModule):
