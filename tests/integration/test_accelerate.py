@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from keyed import KeyedDigits as Digits, learner, train
+from loop import learner, train
+from support import KeyedDigits as Digits
 from torch.utils.data import DataLoader
 
 from jest_stream import JESTLoader, LocalScorer, per_example_cross_entropy
@@ -33,7 +34,7 @@ class Run:
         self.accelerator = Accelerator()
         model = learner()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        base = DataLoader(Digits(digits), batch_size=B, shuffle=True)
+        base = DataLoader(Digits(digits, 640), batch_size=B, shuffle=True)
         self.model, self.opt, self.base = self.accelerator.prepare(model, opt, base)
         self.loader = JESTLoader(self.base, self.score, scorer, filter_ratio=0.75, seed=5)
         self.accelerator.register_for_checkpointing(self.loader)
@@ -75,11 +76,10 @@ def test_save_state_and_load_state_resume_exactly(digits, scorer, tmp_path):
 
 @pytest.mark.timeout(400)
 def test_accelerate_launch_with_two_cpu_processes(per_example_model, tmp_path):
-    from jest_stream.server.launch import free_port
-
+    # --main_process_port 0: accelerate asks the kernel for one
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(SCRIPT), str(tmp_path), per_example_model]
+           "--main_process_port", "0", str(SCRIPT), str(tmp_path), per_example_model]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import PretrainedConfig, PreTrainedModel, TrainingArguments  # noqa: E402
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
-from keyed import KeyedDigits  # noqa: E402
+from support import KeyedDigits  # noqa: E402
 
 from jest_stream import LocalScorer  # noqa: E402
 from jest_stream.client.hf import JESTTrainer  # noqa: E402
@@ -40,6 +40,15 @@ class DigitsModel(PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+class LabelledDigits(KeyedDigits):
+    """The keyed digits with the label under the name HF models take: ``labels``."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        item["labels"] = item.pop("y")
+        return item
+
+
 class Recorder(transformers.TrainerCallback):
     def __init__(self):
         self.epochs: list[float] = []
@@ -58,7 +67,7 @@ def test_two_epochs_on_selected_sub_batches(per_example_model, digits, tmp_path)
                              dataloader_num_workers=0, disable_tqdm=True, seed=0)
     recorder = Recorder()
     with LocalScorer(per_example_model, intra_op_threads=1) as scorer:
-        trainer = JESTTrainer(model=DigitsModel(DigitsConfig()), args=args, train_dataset=KeyedDigits(digits, label="labels"),
+        trainer = JESTTrainer(model=DigitsModel(DigitsConfig()), args=args, train_dataset=LabelledDigits(digits, 640),
                               scorer=scorer, callbacks=[recorder],
                               jest={"n_select": b, "seed": 0,
                                     "reference_inputs": lambda batch: {"x": batch["x"], "y": batch["labels"]}})

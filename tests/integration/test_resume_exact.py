@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from keyed import KeyedDigits as Digits, learner, train
+from loop import learner, train
+from support import KeyedDigits as Digits
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -54,7 +55,7 @@ def scorer(per_example_model):
 @pytest.mark.parametrize("seeded", [False, True], ids=["no-generator", "seeded-generator"])
 @pytest.mark.parametrize("epoch", [1, 3])
 def test_shuffled_resume_mid_epoch_is_exact(scorer, digits, loader_cls, seeded, epoch):
-    data = Digits(digits)
+    data = Digits(digits, 640)
     stop_at, then = epoch * 10 + 4, 9  # 4 sub-batches into the epoch, then past its end
     expected = Run(data, scorer, loader_cls, seeded).train(stop_at + then)
     first = Run(data, scorer, loader_cls, seeded)
@@ -72,7 +73,7 @@ def test_shuffled_resume_mid_epoch_is_exact(scorer, digits, loader_cls, seeded, 
 
 
 def test_resume_at_an_epoch_boundary_is_exact(scorer, digits):
-    data = Digits(digits)
+    data = Digits(digits, 640)
     expected = Run(data, scorer, DataLoader, True).train(25)
     first = Run(data, scorer, DataLoader, True)
     first.train(20)
@@ -84,7 +85,7 @@ def test_resume_at_an_epoch_boundary_is_exact(scorer, digits):
 
 
 def test_a_short_replay_on_resume_raises(scorer, digits):
-    first = Run(Digits(digits), scorer, DataLoader, False)
+    first = Run(Digits(digits, 640), scorer, DataLoader, False)
     first.train(6)
     state = first.state_dict()
     second = Run(Digits(digits, n=4 * B), scorer, DataLoader, False)  # the data shrank: 4 batches
@@ -94,7 +95,7 @@ def test_a_short_replay_on_resume_raises(scorer, digits):
 
 
 def test_epoch_and_len_stay_right_when_a_framework_stops_at_len(scorer, digits):
-    run = Run(Digits(digits), scorer, DataLoader, False)
+    run = Run(Digits(digits, 640), scorer, DataLoader, False)
     assert len(run.loader) == 10
     for _ in range(2):  # like Lightning: take exactly len() items, never ask for one more
         it = iter(run.loader)
@@ -107,8 +108,8 @@ def test_epoch_and_len_stay_right_when_a_framework_stops_at_len(scorer, digits):
 def test_set_epoch_reaches_the_wrapped_sampler(scorer, digits):
     from torch.utils.data.distributed import DistributedSampler
 
-    sampler = DistributedSampler(Digits(digits), num_replicas=2, rank=0, shuffle=True, seed=3)
-    loader = JESTLoader(DataLoader(Digits(digits), batch_size=B, sampler=sampler),
+    sampler = DistributedSampler(Digits(digits, 640), num_replicas=2, rank=0, shuffle=True, seed=3)
+    loader = JESTLoader(DataLoader(Digits(digits, 640), batch_size=B, sampler=sampler),
                         lambda b: per_example_cross_entropy(torch.zeros(len(b["y"]), 10), b["y"]),
                         scorer, n_select=16, seed=0)
     loader.sampler.set_epoch(4)  # what Lightning calls on a loader's .sampler
@@ -129,7 +130,7 @@ def test_set_epoch_reaches_the_wrapped_sampler(scorer, digits):
     ({"filter_ratio": 0.001}, "filter_ratio=0.001 keeps b=64 of a super-batch of B=64"),
 ])
 def test_a_sub_batch_that_selects_nothing_is_refused(scorer, digits, kwargs, message):
-    loader = JESTLoader(DataLoader(Digits(digits), batch_size=B), lambda b: torch.zeros(len(b["y"])),
+    loader = JESTLoader(DataLoader(Digits(digits, 640), batch_size=B), lambda b: torch.zeros(len(b["y"])),
                         scorer, seed=0, **kwargs)
     with pytest.raises(ValueError, match=message):
         next(iter(loader))

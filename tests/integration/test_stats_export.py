@@ -5,7 +5,7 @@ prefetch makes every Select a cache hit."""
 from __future__ import annotations
 
 import torch
-from keyed import KeyedDigits
+from support import KeyedDigits
 from torch.utils.data import DataLoader
 
 from jest_stream import JESTLoader, RemoteScorer, per_example_cross_entropy
@@ -21,7 +21,7 @@ def test_served_cache_figures_and_tensorboard(start_server, per_example_model, d
     model = torch.nn.Linear(64, 10)
     writer = SummaryWriter(str(tmp_path / "tb"))
     with RemoteScorer(server.target) as scorer:
-        loader = JESTLoader(DataLoader(KeyedDigits(digits, n=320, prefix="stats"), batch_size=B, shuffle=True),
+        loader = JESTLoader(DataLoader(KeyedDigits(digits, 320), batch_size=B, shuffle=True),
                             lambda b: per_example_cross_entropy(model(b["x"]), b["y"]), scorer,
                             n_select=16, seed=0)
         per_epoch = []

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from jest_stream.server.launch import free_port
-
 SCRIPT = Path(__file__).parent / "scripts" / "torchrun_job_id.py"
 
 
 def launch(out_dir: Path, model_path: str) -> list[dict]:
     out_dir.mkdir()
+    # c10d rendezvous on a port the kernel assigns; no --rdzv-id, so the run id is "none"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
            str(SCRIPT), str(out_dir), model_path]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("JEST_JOB_ID", None)

@@ -9,8 +9,8 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/integration: keyed.py
-from keyed import KeyedDigits as Digits  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: support.py
+from support import KeyedDigits, load_digits_arrays  # noqa: E402
 
 from jest_stream import JESTLoader, LocalScorer, per_example_cross_entropy
 
@@ -21,7 +21,8 @@ def main(out_dir: str, model_path: str) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, opt, base = accelerator.prepare(model, opt, DataLoader(Digits(), batch_size=64, shuffle=True))
+    data = KeyedDigits(load_digits_arrays(), 640)
+    model, opt, base = accelerator.prepare(model, opt, DataLoader(data, batch_size=64, shuffle=True))
     loader = JESTLoader(base, lambda b: per_example_cross_entropy(model(b["x"]), b["y"]),
                         LocalScorer(model_path, intra_op_threads=1), n_select=16, seed=3)
     epochs = []

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/integration: keyed.py
-from keyed import KeyedDigits as Digits  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: support.py
+from support import KeyedDigits, load_digits_arrays  # noqa: E402
 
 from jest_stream import JESTLoader, LocalScorer, per_example_cross_entropy
 from jest_stream.client import shard
@@ -34,7 +34,7 @@ class Model(pl.LightningModule):
         return per_example_cross_entropy(self.net(batch["x"]), batch["y"])
 
     def train_dataloader(self):
-        base = shard(DataLoader(Digits(), batch_size=B, shuffle=True))
+        base = shard(DataLoader(KeyedDigits(load_digits_arrays(), 640), batch_size=B, shuffle=True))
         return JESTLoader(base, self.score, LocalScorer(self.model_path, intra_op_threads=1),
                           n_select=16, seed=4)
 
