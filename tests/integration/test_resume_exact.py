@@ -4,45 +4,20 @@ state_dicts, yields the same next sub-batches as an uninterrupted run. Plain
 DataLoader and torchdata's StatefulDataLoader, with and without a seeded generator."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from loop import learner, train
+from loop import B, Run
 from support import KeyedDigits as Digits
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from jest_stream import JESTLoader, LocalScorer, per_example_cross_entropy
 
-B = 64  # 640 examples: 10 super-batches per epoch
+# 640 examples, B = 64: 10 super-batches per epoch
 
 
-class Run:
-    """What a training script builds after a restart: model, optimiser, a fresh shuffling
-    loader (its generator freshly seeded, or none) and the JESTLoader around it."""
-
-    def __init__(self, data, scorer, loader_cls, seeded: bool):
-        self.model = learner()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.5)
-        generator = torch.Generator().manual_seed(7) if seeded else None
-        base = loader_cls(data, batch_size=B, shuffle=True, generator=generator)
-        self.loader = JESTLoader(base, self.score, scorer, filter_ratio=0.75, seed=5)
-
-    def score(self, batch):
-        return per_example_cross_entropy(self.model(batch["x"]), batch["y"])
-
-    def train(self, n: int) -> list[list[str]]:
-        return train(self.loader, self.model, self.opt, n)
-
-    def state_dict(self) -> dict:
-        return copy.deepcopy({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                              "loader": self.loader.state_dict()})
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        self.loader.load_state_dict(state["loader"])
+def run(data, scorer, loader_cls, seeded: bool) -> Run:
+    return Run(data, scorer, loader_cls=loader_cls, generator_seed=7 if seeded else None)
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +32,13 @@ def scorer(per_example_model):
 def test_shuffled_resume_mid_epoch_is_exact(scorer, digits, loader_cls, seeded, epoch):
     data = Digits(digits, 640)
     stop_at, then = epoch * 10 + 4, 9  # 4 sub-batches into the epoch, then past its end
-    expected = Run(data, scorer, loader_cls, seeded).train(stop_at + then)
-    first = Run(data, scorer, loader_cls, seeded)
+    expected = run(data, scorer, loader_cls, seeded).train(stop_at + then)
+    first = run(data, scorer, loader_cls, seeded)
     assert first.train(stop_at) == expected[:stop_at]
     assert (first.loader.epoch, first.loader.step) == (epoch, stop_at)
     state = first.state_dict()
     del first  # the interruption
-    second = Run(data, scorer, loader_cls, seeded)
+    second = run(data, scorer, loader_cls, seeded)
     second.load_state_dict(state)
     got = second.train(then)
     assert got == expected[stop_at:], f"resumed in epoch {epoch}: the next sub-batches differ"
@@ -74,35 +49,35 @@ def test_shuffled_resume_mid_epoch_is_exact(scorer, digits, loader_cls, seeded, 
 
 def test_resume_at_an_epoch_boundary_is_exact(scorer, digits):
     data = Digits(digits, 640)
-    expected = Run(data, scorer, DataLoader, True).train(25)
-    first = Run(data, scorer, DataLoader, True)
+    expected = run(data, scorer, DataLoader, True).train(25)
+    first = run(data, scorer, DataLoader, True)
     first.train(20)
     state = first.state_dict()
     assert (state["loader"]["epoch"], state["loader"]["consumed"]) == (2, 0)  # the last sub-batch ended the epoch
-    second = Run(data, scorer, DataLoader, True)
+    second = run(data, scorer, DataLoader, True)
     second.load_state_dict(state)
     assert second.train(5) == expected[20:]
 
 
 def test_a_short_replay_on_resume_raises(scorer, digits):
-    first = Run(Digits(digits, 640), scorer, DataLoader, False)
+    first = run(Digits(digits, 640), scorer, DataLoader, False)
     first.train(6)
     state = first.state_dict()
-    second = Run(Digits(digits, n=4 * B), scorer, DataLoader, False)  # the data shrank: 4 batches
+    second = run(Digits(digits, n=4 * B), scorer, DataLoader, False)  # the data shrank: 4 batches
     second.load_state_dict(state)
     with pytest.raises(RuntimeError, match="ended after 4 super-batches, but 6 were consumed"):
         second.train(1)
 
 
 def test_epoch_and_len_stay_right_when_a_framework_stops_at_len(scorer, digits):
-    run = Run(Digits(digits, 640), scorer, DataLoader, False)
-    assert len(run.loader) == 10
+    job = run(Digits(digits, 640), scorer, DataLoader, False)
+    assert len(job.loader) == 10
     for _ in range(2):  # like Lightning: take exactly len() items, never ask for one more
-        it = iter(run.loader)
-        for _ in range(len(run.loader)):
+        it = iter(job.loader)
+        for _ in range(len(job.loader)):
             next(it)
-    assert (run.loader.epoch, run.loader.step) == (2, 20)
-    assert run.loader.state_dict()["consumed"] == 0
+    assert (job.loader.epoch, job.loader.step) == (2, 20)
+    assert job.loader.state_dict()["consumed"] == 0
 
 
 def test_set_epoch_reaches_the_wrapped_sampler(scorer, digits):
