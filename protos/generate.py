@@ -1,8 +1,8 @@
-"""Regenerate the committed gRPC stubs in jest_stream/v1/ from protos/.
+"""Regenerate the committed gRPC stubs in jest_stream/v1/ from the .proto beside them.
 
-Run after editing a .proto: ``python protos/generate.py``. The test suite checks
-that the committed stubs match what this produces, so they never drift. The .proto
-itself is copied next to the stubs, so that the wheel carries the wire contract.
+Run after editing jest_stream/v1/scorer.proto: ``python protos/generate.py``. The test
+suite checks that the committed stubs match what this produces, so they never drift.
+The .proto lives in the package, so the wheel carries the wire contract.
 
 The committed stubs are generated with grpcio-tools 1.62 (protobuf 4.25 gencode), in
 a venv of its own (``python -m venv /tmp/gt && /tmp/gt/bin/pip install
@@ -14,11 +14,10 @@ Such old gencode runs on every newer protobuf runtime.
 from __future__ import annotations
 
 import pathlib
-import shutil
 import sys
 
-PROTO_ROOT = pathlib.Path(__file__).resolve().parent
-PROTOS = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+PROTO_ROOT = pathlib.Path(__file__).resolve().parent.parent  # imports are jest_stream/v1/*.proto
+PROTOS = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "jest_stream").rglob("*.proto"))
 
 
 def generate(out_dir: pathlib.Path) -> None:
@@ -29,9 +28,7 @@ def generate(out_dir: pathlib.Path) -> None:
             f"--grpc_python_out={out_dir}", *PROTOS]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTOS}")
-    for proto in PROTOS:
-        shutil.copyfile(PROTO_ROOT / proto, out_dir / proto)
 
 
 if __name__ == "__main__":
-    generate(PROTO_ROOT.parent if len(sys.argv) < 2 else pathlib.Path(sys.argv[1]))
+    generate(PROTO_ROOT if len(sys.argv) < 2 else pathlib.Path(sys.argv[1]))

@@ -1,5 +1,5 @@
 """Packaging: the wheel carries py.typed (the annotations reach type checkers) and the
-.proto wire contract, the sdist carries protos/, and the protobuf floor admits what
+.proto wire contract, the sdist carries the proto and protos/generate.py, and the protobuf floor admits what
 other gRPC clients (tritonclient[grpc]: protobuf >= 6.30, < 7) need."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_the_wheel_has_py_typed_and_the_proto(dist):
 def test_the_sdist_has_protos(dist):
     (sdist,) = dist.glob("jest_stream-*.tar.gz")
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
-    assert {"protos/generate.py", "protos/jest_stream/v1/scorer.proto", "jest_stream/py.typed",
+    assert {"protos/generate.py", "jest_stream/v1/scorer.proto", "jest_stream/py.typed",
             "MANIFEST.in"} <= names
 
 

@@ -90,8 +90,6 @@ def test_committed_stubs_match_the_proto(tmp_path):
     assert fresh[0] == committed[0], "jest_stream/v1/scorer_pb2.py is stale: run python protos/generate.py"
     assert fresh[1] == committed[1] and fresh[1], "jest_stream/v1/scorer_pb2_grpc.py is stale"
     assert fresh[2] == committed[2] and fresh[2], "jest_stream/v1/scorer_pb2.pyi is stale"
-    proto = "jest_stream/v1/scorer.proto"
-    assert (ROOT / proto).read_text() == (ROOT / "protos" / proto).read_text(), f"{proto} is stale"
 
 
 def test_committed_stubs_run_on_old_protobuf():
