@@ -26,7 +26,7 @@ from jest_stream.client.batches import batch_size, fields_by_name, keys_of, take
 from jest_stream.client.distributed import warn_if_unsharded
 from jest_stream.client.identity import agree, distributed_rank, job_id
 from jest_stream.client.learner import all_finite, as_learner_scores
-from jest_stream.client.resume import EpochOrder, working_state_dict
+from jest_stream.client.resume import EpochHook, EpochOrder, working_state_dict
 from jest_stream.client.scorer import Scorer, ScorerRejected, ScorerUnavailable, SelectCall, resolve_model
 from jest_stream.client.reference_watch import ReferenceWatch, ReferenceWatcher
 from jest_stream.client.stats import LoaderStats
@@ -175,10 +175,10 @@ class JESTLoader:
         self._epoch, self._consumed, self._inner_state = epoch, 0, None
 
     @property
-    def sampler(self) -> _EpochHook:
+    def sampler(self) -> EpochHook:
         """What frameworks call ``sampler.set_epoch(e)`` on (Lightning): forwards to
         ``set_epoch``."""
-        return _EpochHook(self)
+        return EpochHook(self)
 
     def __len__(self) -> int:
         """Sub-batches per epoch: the wrapped loader's length."""
@@ -393,15 +393,3 @@ class JESTLoader:
         self.stats = LoaderStats()
         self.stats.load_state_dict(state.get("stats", {}))
 
-
-class _EpochHook:
-    """``loader.sampler`` as frameworks see it: ``set_epoch`` reaches the JESTLoader."""
-
-    def __init__(self, loader: JESTLoader):
-        self._loader = loader
-
-    def set_epoch(self, epoch: int) -> None:
-        self._loader.set_epoch(epoch)
-
-    def __repr__(self) -> str:
-        return f"<epoch hook of JESTLoader at epoch {self._loader.epoch}>"

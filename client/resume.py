@@ -102,3 +102,16 @@ class EpochOrder:
                 mine = self._own[id(sampler)] = torch.Generator()
                 sampler.generator = mine
             mine.manual_seed(epoch_seed(self.seed, epoch))
+
+
+class EpochHook:
+    """``loader.sampler`` as frameworks see it: ``set_epoch`` reaches the JESTLoader."""
+
+    def __init__(self, loader: Any):
+        self._loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self._loader.set_epoch(epoch)
+
+    def __repr__(self) -> str:
+        return f"<epoch hook of JESTLoader at epoch {self._loader.epoch}>"
