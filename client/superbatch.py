@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from jest_stream.outputs import Embeddings, Losses
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -31,14 +30,6 @@ def sub_batch_size(size: int, largest: int, n_select: int | None, filter_ratio: 
             else f"filter_ratio={filter_ratio:g} keeps b={b}")
     raise ValueError(f"{what} of a super-batch of B={size} examples: nothing would be selected; "
                      f"use super-batches larger than b (batch_size > {b}) or a smaller b")
-
-
-def finite(learner: Losses | Embeddings) -> bool:
-    """True if every learner score is finite."""
-    if isinstance(learner, Losses):
-        return bool(np.all(np.isfinite(learner.values)))
-    return bool(np.all(np.isfinite(learner.image)) and np.all(np.isfinite(learner.text))
-                and np.isfinite(learner.logit_scale) and np.isfinite(learner.logit_bias))
 
 
 class SuperBatch:
