@@ -20,8 +20,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from jest_stream.client.batches import to_numpy
 from jest_stream.client.scorer import InputsFn, ReferenceOutputs, ScorerRejected
 from jest_stream.contract import OUTPUTS_BY_KIND, ModelSpec

@@ -78,37 +78,8 @@ def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str
     """
     require("onnx", "export_reference", "local")
     check_name(kind, LOSS_KINDS, "kind")
-    if isinstance(example_inputs, Mapping):
-        if input_names is not None and tuple(input_names) != tuple(example_inputs):
-            raise ValueError(f"input_names: {list(input_names)} differ from the example_inputs keys "
-                             f"{list(example_inputs)}; give one or the other")
-        input_names = tuple(example_inputs)
-        example_inputs = tuple(example_inputs.values())
-    if input_names is None:
-        raise ValueError("input_names: name each example input (or pass example_inputs as a dict)")
-    example_inputs = tuple(example_inputs)
-    input_names = tuple(input_names)
-    if len(example_inputs) != len(input_names):
-        raise ValueError(f"input_names: {len(input_names)} names for {len(example_inputs)} example inputs")
-    if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in example_inputs):
-        raise ValueError("example_inputs: give tensors with a leading batch axis")
-    batch = example_inputs[0].shape[0]
-    if batch < 2 or any(t.shape[0] != batch for t in example_inputs):
-        raise ValueError(f"example_inputs: every input needs the same batch of at least 2 rows, got "
-                         f"{[tuple(t.shape) for t in example_inputs]}")
-    if kind == "per_example":
-        if loss_fn is None:
-            raise ValueError("loss_fn: per_example models are exported with their per-example loss, "
-                             "e.g. torch.nn.CrossEntropyLoss(reduction='none')")
-        if len(example_inputs) < 2:
-            raise ValueError("example_inputs: per_example models take the model inputs and then the labels")
-        wrapped: torch.nn.Module = _WithLoss(model, loss_fn)
-        scale, bias = 1.0, 0.0
-    else:
-        if loss_fn is not None:
-            raise ValueError("loss_fn: contrastive models output embeddings; pass loss_fn=None")
-        wrapped = _Towers(model)
-        scale, bias = _as_float(logit_scale, "logit_scale"), _as_float(logit_bias or 0.0, "logit_bias")
+    input_names, example_inputs = _named_batch(example_inputs, input_names)
+    wrapped, scale, bias = _wrap(model, loss_fn, kind, example_inputs, logit_scale, logit_bias)
     outputs = OUTPUTS_BY_KIND[kind]
     meanings = dict(input_meanings or {})
     for i, name in enumerate(input_names):
@@ -119,18 +90,7 @@ def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str
     contract = ModelContract(kind, {n: meanings[n] for n in input_names}, outputs, scale, bias, extra)
 
     path = os.fspath(path)
-    wrapped.eval()
-    with torch.no_grad():
-        probe = wrapped(*example_inputs)
-    probe = [probe] if isinstance(probe, torch.Tensor) else list(probe)
-    for name, value in zip(outputs, probe):
-        want = (batch,) if kind == "per_example" else None
-        if want is not None and tuple(value.shape) != want:
-            raise ValueError(f"loss_fn: gives shape {tuple(value.shape)} for a batch of {batch}; a per_example "
-                             "model needs one loss per example (use reduction='none')")
-        if kind != "per_example" and (value.dim() != 2 or value.shape[0] != batch):
-            raise ValueError(f"model: output {name!r} has shape {tuple(value.shape)}; contrastive models "
-                             f"return (image_embeds, text_embeds) of shape (B, d), B={batch}")
+    _check_outputs(wrapped, kind, outputs, example_inputs)
     dynamic = {name: {0: "batch"} for name in (*input_names, *outputs)}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -150,6 +110,62 @@ def export_reference(model: torch.nn.Module, loss_fn: Callable | None, path: str
         _check_against_torch(wrapped, bigger, input_names, outputs, path)
     log.info("exported %s reference model to %s", kind, path)
     return contract
+
+
+def _named_batch(example_inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+                 input_names: Sequence[str] | None) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
+    """The example inputs as (names, tensors), checked: one batch of at least 2 rows."""
+    if isinstance(example_inputs, Mapping):
+        if input_names is not None and tuple(input_names) != tuple(example_inputs):
+            raise ValueError(f"input_names: {list(input_names)} differ from the example_inputs keys "
+                             f"{list(example_inputs)}; give one or the other")
+        input_names = tuple(example_inputs)
+        example_inputs = tuple(example_inputs.values())
+    if input_names is None:
+        raise ValueError("input_names: name each example input (or pass example_inputs as a dict)")
+    example_inputs = tuple(example_inputs)
+    input_names = tuple(input_names)
+    if len(example_inputs) != len(input_names):
+        raise ValueError(f"input_names: {len(input_names)} names for {len(example_inputs)} example inputs")
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in example_inputs):
+        raise ValueError("example_inputs: give tensors with a leading batch axis")
+    batch = example_inputs[0].shape[0]
+    if batch < 2 or any(t.shape[0] != batch for t in example_inputs):
+        raise ValueError(f"example_inputs: every input needs the same batch of at least 2 rows, got "
+                         f"{[tuple(t.shape) for t in example_inputs]}")
+    return input_names, example_inputs
+
+
+def _wrap(model: torch.nn.Module, loss_fn: Callable | None, kind: str, example_inputs: tuple,
+          logit_scale: float | torch.Tensor | None,
+          logit_bias: float | torch.Tensor | None) -> tuple[torch.nn.Module, float, float]:
+    """The module that is exported (model + loss, or the two towers), its logit scale and bias."""
+    if kind == "per_example":
+        if loss_fn is None:
+            raise ValueError("loss_fn: per_example models are exported with their per-example loss, "
+                             "e.g. torch.nn.CrossEntropyLoss(reduction='none')")
+        if len(example_inputs) < 2:
+            raise ValueError("example_inputs: per_example models take the model inputs and then the labels")
+        return _WithLoss(model, loss_fn), 1.0, 0.0
+    if loss_fn is not None:
+        raise ValueError("loss_fn: contrastive models output embeddings; pass loss_fn=None")
+    return _Towers(model), _as_float(logit_scale, "logit_scale"), _as_float(logit_bias or 0.0, "logit_bias")
+
+
+def _check_outputs(wrapped: torch.nn.Module, kind: str, outputs: Sequence[str], example_inputs: tuple) -> None:
+    """Run the wrapped module on the example batch: one loss per example, or (B, d) embeddings."""
+    batch = example_inputs[0].shape[0]
+    wrapped.eval()
+    with torch.no_grad():
+        probe = wrapped(*example_inputs)
+    probe = [probe] if isinstance(probe, torch.Tensor) else list(probe)
+    for name, value in zip(outputs, probe):
+        if kind == "per_example" and tuple(value.shape) != (batch,):
+            raise ValueError(f"loss_fn: gives shape {tuple(value.shape)} for a batch of {batch}; a per_example "
+                             "model needs one loss per example (use reduction='none')")
+        if kind != "per_example" and (value.dim() != 2 or value.shape[0] != batch):
+            raise ValueError(f"model: output {name!r} has shape {tuple(value.shape)}; contrastive models "
+                             f"return (image_embeds, text_embeds) of shape (B, d), B={batch}")
 
 
 def _num_classes(model: torch.nn.Module, example_inputs: tuple) -> int | None:

@@ -33,7 +33,7 @@ from jest_stream.client.stats import LoaderStats
 from jest_stream.client.superbatch import Breaker, SuperBatch, step_seed, sub_batch_size
 from jest_stream.client.trainer_select import placement
 from jest_stream.contract import ModelSpec
-from jest_stream.options import DEFAULT_N_CHUNKS, SelectOptions, check_name
+from jest_stream.options import SelectOptions, check_name
 from jest_stream.outputs import Embeddings, Losses
 from jest_stream.samplers import uniform
 from jest_stream.selection import make_rng
@@ -50,7 +50,8 @@ class JESTLoader:
     ``loader`` yields super-batches of B examples (a DataLoader, a WebLoader, a
     generator); ``score_fn(batch)`` returns the learner's Losses/Embeddings for one
     (see jest_stream.client.learner); ``scorer`` is a LocalScorer or RemoteScorer.
-    Each yielded sub-batch holds ``n_select`` examples, or (1 - filter_ratio) * B.
+    Each yielded sub-batch holds ``n_select`` examples, or (1 - filter_ratio) * B. The selection
+    rule is ``options`` (a SelectOptions) or its fields as keywords (unset: the defaults).
     ``reference_watch``: when to warn of a weak reference (see ReferenceWatch; None: never).
 
     ``key``: a field holding one key per example (``"__key__"``, WebDataset's, by
@@ -68,14 +69,15 @@ class JESTLoader:
 
     def __init__(self, loader: Iterable[Any], score_fn: Callable[[Any], Any], scorer: Scorer | None, *,
                  model: str | None = None, filter_ratio: float = 0.8, n_select: int | None = None,
-                 score: str = "learnability", sampler: str = "joint",
-                 n_chunks: int = DEFAULT_N_CHUNKS, score_gain: float = 1.0, seed: int | None = None,
+                 options: SelectOptions | None = None, score: str | None = None, sampler: str | None = None,
+                 n_chunks: int | None = None, score_gain: float | None = None, seed: int | None = None,
                  key: str | Callable[[Any], Any] | None = "__key__",
                  reference_inputs: Callable[[Any], Mapping[str, Any]] | None = None,
                  prefetch: bool = True, fallback: str = "uniform", retry_after: float = 2.0, dataset: str = "",
                  job: str | None = None, log_every: int = 0, select_on: str | None = None,
                  reference: str = "scorer", reference_watch: ReferenceWatch | None = ReferenceWatch()):
-        self.options = SelectOptions(score=score, sampler=sampler, n_chunks=n_chunks, score_gain=score_gain)
+        self.options = SelectOptions.of(options, score=score, sampler=sampler, n_chunks=n_chunks,
+                                        score_gain=score_gain)
         check_name(fallback, FALLBACKS, "fallback")
         if not 0.0 <= filter_ratio < 1.0:
             raise ValueError(f"filter_ratio: the fraction of each super-batch dropped must be in "

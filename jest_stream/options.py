@@ -100,6 +100,20 @@ class SelectOptions:
         return bool(SCORE_WEIGHTS[self.score][1])
 
     @classmethod
+    def of(cls, options: SelectOptions | None = None, **given: Any) -> SelectOptions:
+        """``options`` as given, or options from keyword arguments where None means the default
+        (what JESTLoader takes); giving both is an error naming the fields."""
+        set_fields = {k: v for k, v in given.items() if v is not None}
+        if options is None:
+            return cls(**set_fields)
+        if not isinstance(options, cls):
+            raise TypeError(f"options: expected a SelectOptions, got {type(options).__name__}")
+        if set_fields:
+            raise ValueError(f"options: given together with {sorted(set_fields)}; set those fields in "
+                             "the SelectOptions instead")
+        return options
+
+    @classmethod
     def from_fields(cls, **given: Any) -> SelectOptions:
         """Options from possibly-unset fields (None, "" or 0: the default), as the wire sends them."""
         names = {f.name for f in fields(cls)}

@@ -1,8 +1,8 @@
-"""Regenerate the committed gRPC stubs in jest_stream/v1/ from the .proto beside them.
+"""Regenerate the committed gRPC stubs in jest_stream/v1/ from protos/jest_stream/v1/*.proto.
 
-Run after editing jest_stream/v1/scorer.proto: ``python protos/generate.py``. The test
-suite checks that the committed stubs match what this produces, so they never drift.
-The .proto lives in the package, so the wheel carries the wire contract.
+Run after editing protos/jest_stream/v1/scorer.proto: ``python protos/generate.py``. The
+test suite checks that the committed stubs match it, so they never drift. The wheel
+carries the .proto too (as ``jest_stream.protos``, see pyproject.toml).
 
 The committed stubs are generated with grpcio-tools 1.62 (protobuf 4.25 gencode), in
 a venv of its own (``python -m venv /tmp/gt && /tmp/gt/bin/pip install
@@ -16,7 +16,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-PROTO_ROOT = pathlib.Path(__file__).resolve().parent.parent  # imports are jest_stream/v1/*.proto
+PROTO_ROOT = pathlib.Path(__file__).resolve().parent  # imports are jest_stream/v1/*.proto
 PROTOS = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "jest_stream").rglob("*.proto"))
 
 
@@ -31,4 +31,4 @@ def generate(out_dir: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-    generate(PROTO_ROOT if len(sys.argv) < 2 else pathlib.Path(sys.argv[1]))
+    generate(PROTO_ROOT.parent if len(sys.argv) < 2 else pathlib.Path(sys.argv[1]))

@@ -30,9 +30,9 @@ def _model(value: str) -> tuple[str, str]:
     return name, path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jest-stream serve", description=__doc__)
-
+def _flag_adder(p: argparse.ArgumentParser):
+    """``add(flag, help, **kw)``: an argparse flag whose default comes from $JEST_<FLAG> if set
+    (a bad value stops with one line naming the variable)."""
     def add(flag: str, help_: str, **kw):
         env = _env(flag)
         default = kw.pop("default", None)
@@ -52,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                     raise SystemExit(f"{env}={raw!r}: not a valid {flag} "
                                      f"({getattr(conv, '__name__', 'value')} expected: {exc})") from None
         p.add_argument(flag, default=default, help=f"{help_} [env {env}]", **kw)
+    return add
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every ``jest-stream serve`` flag, each also settable as $JEST_<FLAG>."""
+    p = argparse.ArgumentParser(prog="jest-stream serve", description=__doc__)
+    add = _flag_adder(p)
     add("--model", "reference model NAME=PATH (repeatable; env: comma-separated)", action="append", type=_model)
     add("--host", "address to bind", default="0.0.0.0")
     add("--port", "gRPC port (0 picks a free one)", type=int, default=50051)

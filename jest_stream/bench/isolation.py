@@ -38,7 +38,7 @@ import numpy as np
 from jest_stream import codec
 from jest_stream.demo.data import load_digits_scaled
 from jest_stream.options import SelectOptions
-from jest_stream.outputs import Embeddings, Losses
+from jest_stream.outputs import Losses
 from jest_stream.selection import select
 from jest_stream.server.launch import start_scorer
 from jest_stream.v1 import scorer_pb2 as pb

@@ -1,1 +1,1 @@
-"""Generated stubs of jest_stream/v1/scorer.proto (regenerate with protos/generate.py)."""
+"""Generated stubs of protos/jest_stream/v1/scorer.proto (regenerate with protos/generate.py)."""

@@ -32,14 +32,14 @@ def test_the_wheel_has_py_typed_and_the_proto(dist):
     (wheel,) = dist.glob("jest_stream-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "jest_stream/py.typed" in names
-    assert "jest_stream/v1/scorer.proto" in names and "jest_stream/v1/scorer_pb2.pyi" in names
+    assert "jest_stream/protos/scorer.proto" in names and "jest_stream/v1/scorer_pb2.pyi" in names
     assert "jest_stream/client/loader.py" in names and "jest_stream/__main__.py" in names
 
 
 def test_the_sdist_has_protos(dist):
     (sdist,) = dist.glob("jest_stream-*.tar.gz")
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
-    assert {"protos/generate.py", "jest_stream/v1/scorer.proto", "jest_stream/py.typed",
+    assert {"protos/generate.py", "protos/jest_stream/v1/scorer.proto", "jest_stream/py.typed",
             "MANIFEST.in"} <= names
 
 
