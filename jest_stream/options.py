@@ -83,8 +83,9 @@ class SelectOptions:
         if gain is None:
             return
         if isinstance(gain, bool) or not isinstance(gain, (int, float, np.floating, np.integer)) \
-                or not np.isfinite(gain):
-            raise ValueError(f"score_gain: must be a finite number or None (the kind's default), got {gain!r}")
+                or not np.isfinite(gain) or gain <= 0:
+            raise ValueError(f"score_gain: must be a positive finite number or None (the kind's default), "
+                             f"got {gain!r}; for random sub-batches use sampler='uniform'")
         object.__setattr__(self, "score_gain", float(gain))
 
     def gain_for(self, kind: str) -> float:

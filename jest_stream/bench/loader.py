@@ -200,17 +200,25 @@ def _figures(times: dict[str, list[float]], stats: dict[str, Any], same: bool, a
     }
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="jest-stream bench loader", description=__doc__.split("\n\n")[0])
+def digits_parser(prog: str, doc: str, *, super_batch: int, ratio: float, repeat: int, rounds: int,
+                  threads: int) -> argparse.ArgumentParser:
+    """The flags the digits benchmarks share (B, f, learner width, data, rounds, threads, seed)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--super-batch", type=int, default=256, help="B (default 256)")
-    p.add_argument("--ratio", type=float, default=0.75, help="filter ratio f; b = (1-f) B (default 0.75)")
+    p.add_argument("--super-batch", type=int, default=super_batch, help=f"B (default {super_batch})")
+    p.add_argument("--ratio", type=float, default=ratio, help=f"filter ratio f; b = (1-f) B (default {ratio})")
     p.add_argument("--hidden", type=int, default=1024, help="learner MLP width (default 1024)")
-    p.add_argument("--repeat", type=int, default=4, help="tile the 1797 digits this many times (default 4)")
-    p.add_argument("--rounds", type=int, default=5, help="timed epochs (default 5)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--repeat", type=int, default=repeat,
+                   help=f"tile the 1797 digits this many times (default {repeat})")
+    p.add_argument("--rounds", type=int, default=rounds, help=f"timed rounds (default {rounds})")
+    p.add_argument("--threads", type=int, default=threads, help=f"torch threads (default {threads})")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    return digits_parser("jest-stream bench loader", __doc__, super_batch=256, ratio=0.75, repeat=4, rounds=5,
+                         threads=1).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

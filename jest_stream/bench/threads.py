@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jest_stream.bench.loader import DigitsBatches, export_reference_model, mlp, train_step
+from jest_stream.bench.loader import DigitsBatches, digits_parser, export_reference_model, mlp, train_step
 from jest_stream.client.learner import per_example_cross_entropy
 from jest_stream.client.local import LocalScorer
 from jest_stream.client.scorer import SelectCall
@@ -75,16 +75,9 @@ def measure(args: argparse.Namespace, model_path: str) -> dict[str, Any]:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="jest-stream bench threads", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--super-batch", type=int, default=1280, help="B (default 1280)")
-    p.add_argument("--ratio", type=float, default=0.8, help="filter ratio (default 0.8)")
-    p.add_argument("--hidden", type=int, default=1024, help="learner MLP width (default 1024)")
-    p.add_argument("--repeat", type=int, default=2, help="tile the digits this many times (default 2)")
+    p = digits_parser("jest-stream bench threads", __doc__, super_batch=1280, ratio=0.8, repeat=2, rounds=4,
+                      threads=2)
     p.add_argument("--steps", type=int, default=20, help="Selects per setting and round (default 20)")
-    p.add_argument("--rounds", type=int, default=4, help="timed rounds (default 4)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 

@@ -264,3 +264,27 @@ async def test_queue_bound_refuses_with_resource_exhausted(start_server, per_exa
         reply = await stub.Select(select_request("digits", learner, 16, inputs=inputs, seed=1), timeout=30)
         assert list(reply.indices) == refs["digits"].select(inputs, learner, 16, seed=1).indices.tolist()
     assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("kind,rule", [("softmax_contrastive", {"softmax_score": "own"}),
+                                       ("sigmoid_contrastive", {"first_chunk": "in_batch"})])
+def test_every_selection_option_reaches_the_scorer(server, refs, digits, kind, rule):
+    """The options past score/sampler/chunks/gain travel too: a RemoteScorer's Select with them
+    is the core's answer under that rule, not under the default one."""
+    from jest_stream.client import RemoteScorer
+    from jest_stream.client.scorer import SelectCall
+    from jest_stream.options import SelectOptions
+    from jest_stream.selection import select
+
+    name = MODEL_OF[kind]
+    idx = rows(300, 256)
+    inputs = inputs_for(kind, digits, idx)
+    learner = learner_for(kind, 256, seed=4)
+    reference = refs[name].scores(inputs)
+    want = select(32, kind=kind, learner=learner, reference=reference, options=SelectOptions(**rule), seed=9)
+    default = select(32, kind=kind, learner=learner, reference=reference, options=SelectOptions(), seed=9)
+    assert want.indices.tolist() != default.indices.tolist()  # the option matters here, so this can fail
+    with RemoteScorer(server.target, embeddings_dtype="float32") as scorer:
+        got = scorer.select(SelectCall(model=name, job_id="options", learner=learner, n_select=32,
+                                       inputs=lambda: inputs, options=SelectOptions(**rule), seed=9))
+    assert got.indices.tolist() == want.indices.tolist()

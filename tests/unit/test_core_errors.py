@@ -31,7 +31,9 @@ def per_example(**overrides):
     ({"score": "fun"}, "score: unknown value 'fun'"),
     ({"sampler": "greedy"}, "sampler: unknown value 'greedy'"),
     ({"n_chunks": 0}, "n_chunks: expected an integer >= 1"),
-    ({"score_gain": float("nan")}, "score_gain: must be a finite number"),
+    ({"score_gain": float("nan")}, "score_gain: must be a positive finite number"),
+    # 0 would mean "unset" on the wire: refused, so local and remote never differ on it
+    ({"score_gain": 0.0}, "score_gain: must be a positive finite number"),
     ({"seed": -1}, "seed: expected a non-negative integer"),
     ({"learner": EMB}, "learner: kind 'per_example' expects Losses, got Embeddings"),
     ({"reference": None}, "reference: required by this score rule"),
