@@ -137,7 +137,7 @@ def base_select(draw, *, scores=ALL_SCORES, keys=None, model=None, min_batch=1):
     request = pb.SelectRequest(
         model=model, n_select=draw(st.integers(1, batch)), score=draw(st.sampled_from(scores)),
         sampler=draw(st.sampled_from(["", "joint", "topk", "uniform"])),
-        n_chunks=draw(st.integers(0, 64)), score_gain=draw(st.sampled_from([0.0, 1.0, 10.0, -2.5, 100.0])),
+        n_chunks=draw(st.integers(0, 64)), score_gain=draw(st.sampled_from([0.0, 1.0, 10.0, 2.5, 100.0])),
         job_id=draw(JOB_IDS))
     if draw(st.booleans()):
         request.seed = draw(st.integers(0, 2**64 - 1))
@@ -386,7 +386,8 @@ def _unknown_rule(draw):
 def _gain_nonfinite(draw):
     request, _ = draw(base_select(scores=NEEDS_LEARNER))
     request.sampler = draw(st.sampled_from(["", "joint", "topk", "uniform"]))
-    request.score_gain = draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    # not finite, or negative (a gain must be positive; 0 is the wire's "unset")
+    request.score_gain = draw(st.sampled_from([float("nan"), float("inf"), float("-inf"), -2.5]))
     return Case("gain_nonfinite", "Select", request, fields=("score_gain",))
 
 
