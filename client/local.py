@@ -24,7 +24,7 @@ import torch
 
 from jest_stream.client.learner import on_host
 from jest_stream.client.scorer import (InputsFn, KeyMemory, ReferenceOutputs, ScorerRejected, ScorerUnavailable,
-                                       SelectCall)
+                                       SelectCall, memory_name)
 from jest_stream.contract import ModelSpec
 from jest_stream.selection import Selection
 
@@ -122,7 +122,7 @@ class LocalScorer:
             space = namespace(check_name(dataset, "dataset"), job_id)
         except ValueError as exc:
             raise ScorerRejected(f"local scorer refused the request: {exc}") from exc
-        known = f"{model}\0{space}"
+        known = memory_name(model, dataset, job_id)
         # Keys this engine has cached need no inputs (nor their conversion and checks).
         omit = keys is not None and inputs is not None and self._known.has_all(known, keys)
         given = None if omit or inputs is None else inputs()  # the caller's errors stay its own

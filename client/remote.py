@@ -39,7 +39,7 @@ from jest_stream import codec, wire
 from jest_stream.client.channel import channel_target, check_target, credentials, service_config
 from jest_stream.client.learner import on_host
 from jest_stream.client.scorer import (InputsFn, KeyMemory, NotCached, ReferenceOutputs, ScorerRejected,
-                                       ScorerUnavailable, SelectCall)
+                                       ScorerUnavailable, SelectCall, memory_name)
 from jest_stream.contract import ModelSpec
 from jest_stream.options import check_name
 from jest_stream.selection import Selection
@@ -80,12 +80,6 @@ class _Prefetch:
     outputs: bool = False
     cache_hits: int | None = None  # the Reference reply's figures, once it came
     cache_misses: int | None = None
-
-
-def _known_as(model: str, dataset: str, job_id: str) -> str:
-    """The KeyMemory name of a model's keys of one dataset (keys are unique only within one;
-    a call naming none has its job's own)."""
-    return f"{model}\0{dataset}" if dataset else f"{model}\0\0{job_id}"
 
 
 _LIVE: weakref.WeakSet[RemoteScorer] = weakref.WeakSet()
@@ -246,18 +240,19 @@ class RemoteScorer:
                  inputs: InputsFn, outputs: bool = False, dataset: str = "") -> _Prefetch | None:
         """Start a Reference call warming the cache for keys not known to be cached (or, with
         ``outputs``, fetching the outputs); returns its handle, None if nothing is sent."""
-        known = _known_as(model, dataset, job_id)
+        known = memory_name(model, dataset, job_id)
         if not keys or (not outputs and self._omit and self._known.has_all(known, keys)):
             return None
-        request = self._reference_request(model, job_id, keys, inputs, outputs, dataset)
+        request = self._reference_request(model, job_id, keys, inputs, outputs, dataset, known)
         return _Prefetch(self._submit("Reference", request), known, list(keys), outputs)
 
     def _reference_request(self, model: str, job_id: str, keys: Sequence[str] | None,
-                           inputs: InputsFn | None, outputs: bool, dataset: str) -> pb.ReferenceRequest:
-        """A Reference request, without the inputs when the server holds every key."""
+                           inputs: InputsFn | None, outputs: bool, dataset: str,
+                           known: str) -> pb.ReferenceRequest:
+        """A Reference request, without the inputs when the server holds every key (``known``:
+        the keys' KeyMemory name)."""
         request = pb.ReferenceRequest(model=model, job_id=job_id, keys=keys or (), return_outputs=outputs,
                                       dataset=dataset)
-        known = _known_as(model, dataset, job_id)
         if inputs is not None and not (keys and self._omit and self._known.has_all(known, keys)):
             codec.encode_map(inputs(), request.inputs)
         return request
@@ -270,10 +265,10 @@ class RemoteScorer:
             reply = self._wait(prefetched.future, "Reference") if prefetched and prefetched.outputs else None
         except (ScorerUnavailable, ScorerRejected):
             reply = None
-        known = _known_as(model, dataset, job_id)
+        known = memory_name(model, dataset, job_id)
         if reply is None:
             self._ensure()
-            request = self._reference_request(model, job_id, keys, inputs, True, dataset)
+            request = self._reference_request(model, job_id, keys, inputs, True, dataset, known)
             try:
                 reply = self._call("Reference", request)
             except NotCached:
@@ -313,7 +308,7 @@ class RemoteScorer:
 
     def select(self, call: SelectCall, prefetched: Any = None) -> Selection:
         keys = list(call.keys) if call.keys else []
-        known = _known_as(call.model, call.dataset, call.job_id)
+        known = memory_name(call.model, call.dataset, call.job_id)
         was_prefetched = self._prefetched(prefetched)
         omit = bool(keys) and bool(self._omit) and call.inputs is not None and (
             was_prefetched or self._known.has_all(known, keys))

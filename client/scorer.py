@@ -102,6 +102,12 @@ class Scorer(Protocol):
         """Release channels, threads and sessions."""
 
 
+def memory_name(model: str, dataset: str, job_id: str) -> str:
+    """The KeyMemory name of a model's keys of one dataset (keys are unique only within one;
+    a call naming none has its job's own, as the scorer's cache does)."""
+    return f"{model}\0{dataset}" if dataset else f"{model}\0\0{job_id}"
+
+
 class KeyMemory:
     """Keys a scorer has been sent with their inputs, per model (bounded: cleared when full, and
     when the model's version changes)."""

@@ -230,12 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         with scorer_process({MODEL: model_path}, os.path.join(tmp, "server.log"),
                             "--intra-op-threads", "1") as scorer:
             result = measure(args, model_path, scorer.target)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>34}: {value}")
+    print_figures(result, args.json)
     return 0
+
+
+def print_figures(result: dict[str, Any], as_json: bool) -> None:
+    """A benchmark's figures: one JSON object, or one aligned ``name: value`` line each."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    width = max(map(len, result), default=0)
+    for key, value in result.items():
+        print(f"{key:>{width}}: {value}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ all of them alike.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from jest_stream.bench.loader import DigitsBatches, digits_parser, export_reference_model, mlp, train_step
+from jest_stream.bench.loader import (DigitsBatches, digits_parser, export_reference_model, mlp,
+                                      print_figures, train_step)
 from jest_stream.client.learner import per_example_cross_entropy
 from jest_stream.client.local import LocalScorer
 from jest_stream.client.scorer import SelectCall
@@ -88,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="jest-bench-threads-") as tmp:
         path = export_reference_model(DigitsBatches(1), os.path.join(tmp, "digits.onnx"), args.seed)
         result = measure(args, path)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>28}: {value}")
+    print_figures(result, args.json)
     return 0
 
 
