@@ -288,3 +288,20 @@ def test_every_selection_option_reaches_the_scorer(server, refs, digits, kind, r
         got = scorer.select(SelectCall(model=name, job_id="options", learner=learner, n_select=32,
                                        inputs=lambda: inputs, options=SelectOptions(**rule), seed=9))
     assert got.indices.tolist() == want.indices.tolist()
+
+
+@pytest.mark.parametrize("field", ["softmax_score", "first_chunk"])
+async def test_unknown_option_values_are_refused_naming_the_field(server, digits, field):
+    """A client sending a rule the scorer does not know gets INVALID_ARGUMENT naming the field
+    (never the default rule silently); the same value is refused in-process too."""
+    from jest_stream.options import SelectOptions
+
+    learner = learner_for("softmax_contrastive", 16, seed=1)
+    request = select_request("softmax", learner, 4, inputs=inputs_for("softmax_contrastive", digits, rows(0, 16)))
+    setattr(request, field, "greedy\nfake log line")
+    channel, stub = aio_stub(server.target)
+    async with channel:
+        err = await expect_code(stub.Select(request, timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    assert err.details().startswith(f"{field}: unknown value")
+    with pytest.raises(ValueError, match=f"{field}: unknown value"):
+        SelectOptions(**{field: "greedy"})
