@@ -30,7 +30,7 @@ def _clip_excess(x: Any, limit: float, bound: float, axes: tuple[int, ...]) -> l
     if not (bound > limit and float(xp.max(x)) > limit):
         return None
     over = xp.clip(x - limit, min=0.0)
-    sums = [xp.sum(over, axis=a, dtype=xp.float64) for a in axes]
+    sums = [xp_util.sum64(over, a) for a in axes]
     xp_util.clip_max_(x, limit)
     return sums
 
@@ -62,7 +62,7 @@ def softplus_colsum(x: Any, shift: float = 0.0, bound: float = np.inf) -> Any:
         k = half + k % 2
     head = x[:k]
     xp_util.log_(head)
-    sums = xp.sum(head, axis=0, dtype=xp.float64)
+    sums = xp_util.sum64(head, 0)
     return sums if excess is None else sums + excess[0]
 
 
@@ -75,8 +75,8 @@ def softplus_sums(x: Any, shift: float = 0.0, bound: float = np.inf) -> tuple[An
         x *= float(np.float32(np.exp(shift)))
     x += 1.0
     xp_util.log_(x)
-    rows = xp.sum(x, axis=1, dtype=xp.float64)
-    cols = xp.sum(x, axis=0, dtype=xp.float64)
+    rows = xp_util.sum64(x, 1)
+    cols = xp_util.sum64(x, 0)
     if excess is not None:
         rows, cols = rows + excess[0], cols + excess[1]
     return rows, cols
@@ -90,8 +90,17 @@ def logsumexp(x: Any, axis: int) -> Any:
     x -= m
     xp_util.exp_(x)
     with np.errstate(divide="ignore"):
-        total = xp.log(xp.sum(x, axis=axis, dtype=xp.float64))
+        total = xp.log(xp_util.sum64(x, axis))
     return total + xp.astype(xp.reshape(m, (-1,)), xp.float64)
+
+
+def completion_share(n_select: int, n_selected: int, batch: int) -> float:
+    """The chance that a given other unselected example joins a candidate in a uniformly
+    random completion of the selected set to ``n_select``: (b - |S| - 1) / (B - |S| - 1),
+    0 when no slot is left. The contrastive scores' lookahead weighs the rest of the
+    super-batch by it."""
+    pool = batch - n_selected - 1
+    return max(n_select - n_selected - 1, 0) / pool if pool > 0 else 0.0
 
 
 def softplus(v: Any) -> Any:

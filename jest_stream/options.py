@@ -25,10 +25,13 @@ DEFAULT_N_CHUNKS = 16
 # Softmax candidate score: the exact marginal gain of the set's batch loss, or the
 # candidate's own loss within S + {i} alone (see jest_stream.softmax_scores).
 SOFTMAX_SCORES: tuple[str, ...] = ("marginal", "own")
-# The joint sampler's first chunk: from each candidate's score given the empty set
-# (S_ii, JEST's rule) or its expected score given a random set of b - 1 others (one
-# extra B x B x d pass for sigmoid scores; softmax's first chunk is in-batch already).
-FIRST_CHUNKS: tuple[str, ...] = ("diagonal", "in_batch")
+# What the joint sampler's conditional scores see of the sub-batch still to come:
+# "in_batch" (the default) counts the rest of the set as a uniformly random completion
+# from the super-batch (each candidate's pairs with it, each softmax's context over it),
+# from one in-batch B x B x d pass per model; "none" is JEST's rule as published, the
+# selected set only (sigmoid's first chunk then sees S_ii alone). See
+# jest_stream.conditional and jest_stream.softmax_scores for the measurements.
+LOOKAHEADS: tuple[str, ...] = ("in_batch", "none")
 # score_gain=None means the loss kind's default, chosen on the quality tests' harness
 # (clusters of learnable hard negatives; mean batch learnability J of joint's sets,
 # 20 seeds, B = 256 and 1024, f = 0.5 / 0.8 / 0.9):
@@ -64,20 +67,22 @@ class SelectOptions:
     """The selection rule: score (learnability, hard_learner, easy_reference), sampler
     (joint, topk, uniform), the joint sampler's chunk count, the score gain (how greedy
     the sampler is; None: the loss kind's default, ``gain_for(kind)``), the softmax
-    candidate score (marginal, own) and the joint sampler's first chunk (diagonal, in_batch). Raises ValueError naming the field on a bad value."""
+    candidate score (marginal, own) and what the joint sampler's scores see of the rest
+    of the sub-batch (lookahead: in_batch, none). Raises ValueError naming the field on
+    a bad value."""
 
     score: str = "learnability"
     sampler: str = "joint"
     n_chunks: int = DEFAULT_N_CHUNKS
     score_gain: float | None = None
     softmax_score: str = "marginal"
-    first_chunk: str = "diagonal"
+    lookahead: str = "in_batch"
 
     def __post_init__(self) -> None:
         check_name(self.score, SCORES, "score")
         check_name(self.sampler, SAMPLERS, "sampler")
         check_name(self.softmax_score, SOFTMAX_SCORES, "softmax_score")
-        check_name(self.first_chunk, FIRST_CHUNKS, "first_chunk")
+        check_name(self.lookahead, LOOKAHEADS, "lookahead")
         object.__setattr__(self, "n_chunks", check_int(self.n_chunks, "n_chunks", 1))
         gain = self.score_gain
         if gain is None:

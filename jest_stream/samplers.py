@@ -38,13 +38,15 @@ def check_sizes(batch_size: int, n_select: int) -> None:
 
 
 def chunk_sizes(n_select: int, n_chunks: int) -> list[int]:
-    """Split b into N chunks of b // N; the remainder goes into the last chunk.
+    """Split b into N chunks of b // N or one more, the larger ones first.
 
-    With more chunks than examples, every chunk holds one example.
+    The remainder is spread, never piled into one chunk: with b = 26 and N = 16 a last
+    chunk of 11 would be drawn from scores that know nothing of its own members. With
+    more chunks than examples, every chunk holds one example.
     """
     n = min(check_int(n_chunks, "n_chunks", 1), n_select)
-    base = n_select // n
-    return [base] * (n - 1) + [n_select - base * (n - 1)]
+    base, extra = divmod(n_select, n)
+    return [base + 1] * extra + [base] * (n - extra)
 
 
 def uniform(batch_size: int, n_select: int, rng: np.random.Generator) -> np.ndarray:
@@ -85,29 +87,25 @@ def _check_finite_scores(c: Any) -> None:
 
 
 def joint(scores: ConditionalScores, n_select: int, rng: np.random.Generator,
-          n_chunks: int = DEFAULT_N_CHUNKS, score_gain: float = 1.0,
-          first_chunk: str = "diagonal") -> np.ndarray:
+          n_chunks: int = DEFAULT_N_CHUNKS, score_gain: float = 1.0) -> np.ndarray:
     """JEST's joint selection of b examples in N chunks from conditional scores.
 
-    ``scores`` keeps c_i as a running vector: ``initial()`` before the first chunk and
-    ``update(chunk)`` after each one (never after the last). Scores that are not
-    ``pairwise`` (per-example) take one Gumbel-top-b draw, the same distribution.
-    ``first_chunk="in_batch"`` draws the first chunk from ``scores.expected(b)``, each
-    candidate's expected conditional score given a random set of b - 1 others, instead
-    of the empty set's. The chunks are drawn where the scores live; the indices come
-    back as numpy int64.
+    ``scores`` keeps c_i as a running vector: ``initial(b)`` before the first chunk and
+    ``update(chunk)`` after each one (never after the last); what c_i counts (the
+    selected set, and with lookahead the rest of the sub-batch) is the tracker's
+    business. Scores that are not ``pairwise`` (per-example) take one Gumbel-top-b
+    draw, the same distribution. The chunks are drawn where the scores live; the
+    indices come back as numpy int64.
     """
     b = scores.batch_size
     check_sizes(b, n_select)
     sizes = chunk_sizes(n_select, n_chunks)
     if not getattr(scores, "pairwise", True):
         # Fixed scores: the chunks' sequential draws are one Plackett-Luce draw of b.
-        c = score_gain * scores.initial()
+        c = score_gain * scores.initial(n_select)
         _check_finite_scores(c)
         return xp_util.to_host(gumbel_topk(c, n_select, rng)).astype(np.int64)
-    c = scores.initial()
-    if first_chunk == "in_batch":
-        c = scores.expected(n_select)
+    c = scores.initial(n_select)
     xp = xp_util.namespace(c)
     taken = xp.zeros(b, dtype=xp.bool, device=compat_device(c))
     picked: list[np.ndarray] = []

@@ -87,7 +87,8 @@ def select(
             "both must score the same super-batch"
         )
     rng = make_rng(seed)
-    scores = conditional_scores(kind, learner, reference, options.score, options.softmax_score)
+    scores = conditional_scores(kind, learner, reference, options.score, options.softmax_score,
+                                options.lookahead)
     batch = scores.batch_size
     if options.sampler == "uniform":
         indices = uniform(batch, n_select, rng)
@@ -95,6 +96,6 @@ def select(
         indices = topk(scores.per_example(), n_select)
     else:
         indices = joint(scores, n_select, rng, n_chunks=options.n_chunks,
-                        score_gain=options.gain_for(kind), first_chunk=options.first_chunk)
+                        score_gain=options.gain_for(kind))
     diag = to_host(scores.diagonal())
     return Selection(indices, float(diag[indices].mean()), float(diag.mean()))

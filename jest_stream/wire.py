@@ -67,14 +67,14 @@ def options_to_proto(options: SelectOptions, request: pb.SelectRequest) -> None:
     request.n_chunks = options.n_chunks
     request.score_gain = 0.0 if options.score_gain is None else options.score_gain  # 0: the kind's default
     request.softmax_score = options.softmax_score
-    request.first_chunk = options.first_chunk
+    request.lookahead = options.lookahead
 
 
 def options_from_proto(request: pb.SelectRequest) -> SelectOptions:
     """The request's selection rule, unset fields taking SelectOptions' defaults (validated)."""
     return SelectOptions.from_fields(score=request.score, sampler=request.sampler,
                                      n_chunks=int(request.n_chunks), score_gain=float(request.score_gain),
-                                     softmax_score=request.softmax_score, first_chunk=request.first_chunk)
+                                     softmax_score=request.softmax_score, lookahead=request.lookahead)
 
 
 def seed_from_proto(request: pb.SelectRequest) -> int | None:

@@ -98,6 +98,28 @@ def clip_max_(x: Any, limit: float) -> Any:
     return _native(x).minimum(x, limit, out=x)
 
 
+# Torch on the CPU sums float32 into float64 ten times slower than into float32 (a cast per
+# element; numpy fuses it): there, runs of this many values are summed in float32 first
+# (relative error ~1e-8 to 1e-7 measured on softplus values) and the partial sums in float64.
+_TORCH_SUM_GROUP = 32
+
+
+def sum64(x: Any, axis: int) -> Any:
+    """Sums of the 2-D float array ``x`` along ``axis`` (0 or 1), accumulated in float64."""
+    if not (compat.is_torch_array(x) and on_host(x) and x.dtype == _native(x).float32):
+        return namespace(x).sum(x, axis=axis, dtype=namespace(x).float64)
+    torch = _native(x)
+    g = _TORCH_SUM_GROUP
+    n = x.shape[axis]
+    full = n - n % g
+    head = x.narrow(axis, 0, full)
+    shape = (full // g, g, x.shape[1]) if axis == 0 else (x.shape[0], full // g, g)
+    total = head.reshape(shape).sum(dim=axis + 1).sum(dim=axis, dtype=torch.float64)
+    if full < n:
+        total += x.narrow(axis, full, n - full).sum(dim=axis, dtype=torch.float64)
+    return total
+
+
 def rowdot(a: Any, b: Any) -> Any:
     """Row-wise dot products sum_j a[i, j] * b[i, j], shape (B,), without a (B, d) temporary."""
     return _native(a).einsum("ij,ij->i", a, b)

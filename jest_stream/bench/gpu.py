@@ -54,7 +54,7 @@ def device_embeddings(backend: str, device: str, batch: int, dim: int, seed: int
 
 
 def run_case(backend: str, device: str, kind: str, batch: int, dim: int, filter_ratio: float,
-             n_chunks: int, repeats: int) -> dict:
+             n_chunks: int, repeats: int, lookahead: str = "none") -> dict:
     """Time one (backend, kind, B): joint selection and its floor, medians in ms."""
     n_select = max(1, round((1.0 - filter_ratio) * batch))
     learner = device_embeddings(backend, device, batch, dim, seed=1)
@@ -63,15 +63,15 @@ def run_case(backend: str, device: str, kind: str, batch: int, dim: int, filter_
 
     def ours() -> Any:
         got = select(n_select, kind=kind, learner=learner, reference=reference,
-                     options=SelectOptions(sampler="joint", n_chunks=n_chunks), seed=1)
+                     options=SelectOptions(sampler="joint", n_chunks=n_chunks, lookahead=lookahead), seed=1)
         synchronize(learner.image)
         return got
 
-    floor = floor_fn(kind, (learner, reference), n_select, n_chunks, np.random.default_rng(0))
+    floor = floor_fn(kind, (learner, reference), n_select, n_chunks, np.random.default_rng(0), lookahead)
     ms = median_ms(ours, repeats)
     floor_ms = median_ms(floor, repeats)
     return {"backend": backend, "device": device if backend == "torch" else backend, "kind": kind,
-            "B": batch, "b": n_select, "d": dim, "n_chunks": n_chunks, "ms": round(ms, 2),
+            "B": batch, "b": n_select, "d": dim, "n_chunks": n_chunks, "lookahead": lookahead, "ms": round(ms, 2),
             "floor_ms": round(floor_ms, 2), "vs_floor": round(ms / floor_ms, 3)}
 
 
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         try:
             cases.append(run_case(backend, args.device, kind, batch, args.dim, args.filter_ratio,
-                                  args.chunks, 1 if backend == "numpy" else args.repeats))
+                                  args.chunks, 1 if backend == "numpy" else args.repeats, args.lookahead))
         except ImportError as exc:  # that library is not installed here: say so, go on
             skipped.append({"backend": backend, "kind": kind, "B": batch, "why": str(exc)})
         if not args.json and cases:

@@ -4,10 +4,13 @@ For each super-batch size B (f = 0.8, d = 256, 16 chunks, sigmoid_contrastive) a
 array library in ``--backend`` (numpy; torch, on ``--device``), it times, side by side
 in one run:
 
-- ``ms``: ``select(..., sampler="joint")`` (median of runs);
-- ``floor_ms``: the plain numpy matmuls the selection cannot avoid: both models' B x b x d
+- ``ms``: ``select(..., sampler="joint")`` (median of runs), with ``--lookahead``
+  (default ``none``: JEST's rule as published; ``in_batch``, the library's default
+  rule, adds one B x B x d pass per model);
+- ``floor_ms``: the plain matmuls the selection cannot avoid: both models' B x b x d
   row and column products, computed chunk by chunk (B x |C| x d each) as any sequential
-  sampler must, since chunk t+1 depends on chunk t; nothing else;
+  sampler must, since chunk t+1 depends on chunk t, plus the whole-batch pass where the
+  rule has one (softmax, lookahead); nothing else;
 - ``floor_fused_ms``: the same products as four single B x b x d matmuls, a lower bound
   no chunked sampler reaches (it ignores that chunks come one after another);
 - ``naive_ms``: a direct implementation that builds the full B x B score matrix (numpy only);
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from jest_stream import xp as xp_util
-from jest_stream.options import SelectOptions
+from jest_stream.options import LOOKAHEADS, SelectOptions
 from jest_stream.outputs import Embeddings
 from jest_stream.samplers import chunk_sizes, gumbel_topk
 from jest_stream.selection import select
@@ -93,11 +96,11 @@ def synchronize(x: Any) -> None:
 
 
 def floor_fn(kind: str, models: Sequence[Embeddings], n_select: int, n_chunks: int,
-             rng: np.random.Generator) -> Callable[[], None]:
+             rng: np.random.Generator, lookahead: str = "none") -> Callable[[], None]:
     """The matmuls a chunked joint selection of ``kind`` cannot avoid, on the models' device:
     per chunk but the last, each model's B x |C| x d row and column products; for softmax
-    also the whole-batch pass (B x B x d in row blocks) and, per chunk, the products with
-    every member selected so far (the marginal gain's)."""
+    or with lookahead also the whole-batch pass (B x B x d in row blocks), and for softmax,
+    per chunk, the products with every member selected so far (the marginal gain's)."""
     batch = models[0].image.shape[0]
     cols = rng.choice(batch, n_select, replace=False)
     sizes = chunk_sizes(n_select, n_chunks)
@@ -106,9 +109,11 @@ def floor_fn(kind: str, models: Sequence[Embeddings], n_select: int, n_chunks: i
     xp = xp_util.namespace(models[0].image)
     step = xp_util.block_rows(models[0].image, batch)
 
+    whole_batch = kind == "softmax_contrastive" or lookahead == "in_batch"
+
     def floor() -> None:
         for m in models:
-            if kind == "softmax_contrastive":
+            if whole_batch:
                 for start in range(0, batch, step):
                     m.image[start:start + step] @ m.text.T
             for chunk in chunks:
@@ -137,7 +142,7 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def run_case(batch: int, dim: int = 256, filter_ratio: float = 0.8, n_chunks: int = 16,
              repeats: int = 5, naive: bool = True, seed: int = 0, backend: str = "numpy",
-             device: str = "cpu", kind: str = "sigmoid_contrastive") -> dict:
+             device: str = "cpu", kind: str = "sigmoid_contrastive", lookahead: str = "none") -> dict:
     """Time one super-batch size on one backend; returns the JSON case record."""
     rng = np.random.default_rng(seed)
     n_select = max(1, round((1.0 - filter_ratio) * batch))
@@ -146,12 +151,12 @@ def run_case(batch: int, dim: int = 256, filter_ratio: float = 0.8, n_chunks: in
 
     def ours() -> None:
         select(n_select, kind=kind, learner=learner, reference=reference,
-               options=SelectOptions(sampler="joint", n_chunks=n_chunks), seed=1)
+               options=SelectOptions(sampler="joint", n_chunks=n_chunks, lookahead=lookahead), seed=1)
         synchronize(learner.image)
 
-    floor = floor_fn(kind, (learner, reference), n_select, n_chunks, rng)
+    floor = floor_fn(kind, (learner, reference), n_select, n_chunks, rng, lookahead)
     record = {"backend": backend, "device": str(xp_util.device_of(learner.image)), "kind": kind,
-              "B": batch, "b": n_select, "d": dim, "n_chunks": n_chunks,
+              "B": batch, "b": n_select, "d": dim, "n_chunks": n_chunks, "lookahead": lookahead,
               "ms": round(median_ms(ours, repeats), 3),
               "floor_ms": round(median_ms(floor, repeats), 3)}
     if kind == "sigmoid_contrastive":
@@ -165,7 +170,7 @@ def run_case(batch: int, dim: int = 256, filter_ratio: float = 0.8, n_chunks: in
             synchronize(learner.image)
         record["floor_fused_ms"] = round(median_ms(floor_fused, repeats), 3)
         record["vs_floor_fused"] = round(record["ms"] / record["floor_fused_ms"], 3)
-    if naive and backend == "numpy" and kind == "sigmoid_contrastive":
+    if naive and backend == "numpy" and kind == "sigmoid_contrastive" and lookahead == "none":
         record["naive_ms"] = round(median_ms(
             lambda: naive_sigmoid_joint(host[0], host[1], n_select, n_chunks,
                                         np.random.default_rng(1)), max(1, repeats // 2)), 3)
@@ -207,6 +212,9 @@ def shape_parser(prog: str, doc: str | None, sizes: list[int], dim: int, repeats
     parser.add_argument("--repeats", type=int, default=repeats, help=f"timed runs per case (default {repeats})")
     parser.add_argument("--threads", type=int, default=0,
                         help="cap numpy BLAS and torch CPU threads at N, the same for all (default: as they are)")
+    parser.add_argument("--lookahead", choices=LOOKAHEADS, default="none",
+                        help="the joint rule timed: none (JEST as published, the default here) or "
+                             "in_batch (the library's default, one more B x B x d pass)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -250,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         numpy_ms = None
         for backend in backends:
             case = run_case(batch, args.dim, args.filter_ratio, args.chunks, args.repeats,
-                            naive=not args.no_naive, backend=backend, device=args.device, kind=args.kind)
+                            naive=not args.no_naive, backend=backend, device=args.device, kind=args.kind,
+                            lookahead=args.lookahead)
             if backend == "numpy":
                 numpy_ms = case["ms"]
             elif numpy_ms:

@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from jest_stream.options import LOOKAHEADS
+
 log = logging.getLogger(__name__)
 
 TASKS = ("classification", "contrastive")
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiplier on scores before joint sampling (default 2; contrastive: the "
                         "loss kind's default, jest_stream.options.DEFAULT_GAINS)")
     p.add_argument("--n-chunks", type=int, help="chunks of the joint sampler (default 16)")
+    p.add_argument("--lookahead", choices=LOOKAHEADS, default="in_batch",
+                   help="the joint sampler's contrastive scores count the rest of the sub-batch "
+                        "(in_batch, the default) or the selected set only (none: JEST as published)")
     p.add_argument("--eval-every", type=int, help="evaluate the test metric every N steps (default 10)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated subset of uniform,topk,joint (uniform is always run)")
@@ -103,7 +108,7 @@ def _config(args: argparse.Namespace, defaults: dict, kind: str):
         score_gain=float(args.score_gain if args.score_gain is not None else defaults["score_gain"]
                          if defaults["score_gain"] is not None else DEFAULT_GAINS[kind]),
         n_chunks=args.n_chunks or defaults["n_chunks"],
-        eval_every=args.eval_every or defaults["eval_every"],
+        eval_every=args.eval_every or defaults["eval_every"], lookahead=args.lookahead,
     )
 
 
@@ -167,7 +172,8 @@ def _summary_config(args: argparse.Namespace, task: Any, config: Any, noise: flo
         "description": task.description.format(noise=noise), "variant": task.name + task.file_suffix,
         "noise": noise, "super_batch": config.super_batch, "sub_batch": config.sub_batch,
         "filter_ratio": round(config.filter_ratio, 4), "steps": config.steps, "lr": config.lr,
-        "score_gain": config.score_gain, "n_chunks": config.n_chunks, "eval_every": config.eval_every,
+        "score_gain": config.score_gain, "n_chunks": config.n_chunks, "lookahead": config.lookahead,
+        "eval_every": config.eval_every,
         "seeds": seeds, "scorer": scorer, "threads": args.threads,
     }
 

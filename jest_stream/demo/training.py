@@ -21,6 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from jest_stream.demo.data import DemoData, Split
 from jest_stream.client.loader import JESTLoader
+from jest_stream.options import SelectOptions
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class TrainConfig:
     score_gain: float
     n_chunks: int
     eval_every: int
+    lookahead: str = "in_batch"  # the joint rule's (SelectOptions.lookahead)
 
     @property
     def filter_ratio(self) -> float:
@@ -136,8 +138,9 @@ def train_run(task: Task, train: SuperBatches, corrupted: dict[str, bool], test:
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     loader = JESTLoader(
         super_batch_loader(train, config.super_batch, seed), task.score_fn(model), scorer,
-        model=model_name, n_select=config.sub_batch, score="learnability", sampler=method,
-        n_chunks=config.n_chunks, score_gain=config.score_gain, seed=seed,
+        model=model_name, n_select=config.sub_batch, seed=seed,
+        options=SelectOptions(score="learnability", sampler=method, n_chunks=config.n_chunks,
+                              score_gain=config.score_gain, lookahead=config.lookahead),
         job=f"{job}-{method}-seed{seed}", prefetch=True, dataset=train.dataset,
     )
     steps: list[int] = []

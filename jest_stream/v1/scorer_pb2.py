@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjest_stream/v1/scorer.proto\x12\x0ejest_stream.v1\"N\n\x06Tensor\x12\'\n\x05\x64type\x18\x01 \x01(\x0e\x32\x18.jest_stream.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xbb\x01\n\rLearnerScores\x12&\n\x06losses\x18\x01 \x01(\x0b\x32\x16.jest_stream.v1.Tensor\x12,\n\x0cimage_embeds\x18\x02 \x01(\x0b\x32\x16.jest_stream.v1.Tensor\x12+\n\x0btext_embeds\x18\x03 \x01(\x0b\x32\x16.jest_stream.v1.Tensor\x12\x13\n\x0blogit_scale\x18\x04 \x01(\x02\x12\x12\n\nlogit_bias\x18\x05 \x01(\x02\"\x9f\x03\n\rSelectRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\t\x12\x39\n\x06inputs\x18\x04 \x03(\x0b\x32).jest_stream.v1.SelectRequest.InputsEntry\x12.\n\x07learner\x18\x05 \x01(\x0b\x32\x1d.jest_stream.v1.LearnerScores\x12\x10\n\x08n_select\x18\x06 \x01(\r\x12\r\n\x05score\x18\x07 \x01(\t\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x10\n\x08n_chunks\x18\t \x01(\r\x12\x12\n\nscore_gain\x18\n \x01(\x02\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x00\x88\x01\x01\x12\x0f\n\x07\x64\x61taset\x18\x0c \x01(\t\x12\x15\n\rsoftmax_score\x18\r \x01(\t\x12\x13\n\x0b\x66irst_chunk\x18\x0e \x01(\t\x1a\x45\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.jest_stream.v1.Tensor:\x02\x38\x01\x42\x07\n\x05_seed\"\xdd\x02\n\x0eSelectResponse\x12\x0f\n\x07indices\x18\x01 \x03(\x03\x12\x12\n\nmean_score\x18\x02 \x01(\x01\x12\x16\n\x0emean_score_all\x18\x03 \x01(\x01\x12\x12\n\ncache_hits\x18\x04 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x05 \x01(\r\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x1e\n\x11mean_learner_loss\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13mean_reference_loss\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12$\n\x17reference_above_learner\x18\t \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x13nonfinite_reference\x18\n \x01(\rB\x14\n\x12_mean_learner_lossB\x16\n\x14_mean_reference_lossB\x1a\n\x18_reference_above_learner\"\xed\x01\n\x10ReferenceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\t\x12<\n\x06inputs\x18\x04 \x03(\x0b\x32,.jest_stream.v1.ReferenceRequest.InputsEntry\x12\x16\n\x0ereturn_outputs\x18\x05 \x01(\x08\x12\x0f\n\x07\x64\x61taset\x18\x06 \x01(\t\x1a\x45\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.jest_stream.v1.Tensor:\x02\x38\x01\"\xfa\x01\n\x11ReferenceResponse\x12?\n\x07outputs\x18\x01 \x03(\x0b\x32..jest_stream.v1.ReferenceResponse.OutputsEntry\x12\x12\n\ncache_hits\x18\x02 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x1b\n\x13nonfinite_reference\x18\x05 \x01(\r\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.jest_stream.v1.Tensor:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"R\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.jest_stream.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb6\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12*\n\x06inputs\x18\x03 \x03(\x0b\x32\x1a.jest_stream.v1.TensorSpec\x12+\n\x07outputs\x18\x04 \x03(\x0b\x32\x1a.jest_stream.v1.TensorSpec\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x13\n\x0blogit_scale\x18\x06 \x01(\x02\x12\x12\n\nlogit_bias\x18\x07 \x01(\x02\x12\x44\n\x0e\x63\x61\x63hed_entries\x18\x08 \x03(\x0b\x32,.jest_stream.v1.ModelInfo.CachedEntriesEntry\x1a\x34\n\x12\x43\x61\x63hedEntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.jest_stream.v1.ModelInfo*\x92\x01\n\x08\x44\x61taType\x12\x0e\n\nDT_INVALID\x10\x00\x12\x0e\n\nDT_FLOAT16\x10\x01\x12\x0e\n\nDT_FLOAT32\x10\x02\x12\x0e\n\nDT_FLOAT64\x10\x03\x12\x0c\n\x08\x44T_INT32\x10\x04\x12\x0c\n\x08\x44T_INT64\x10\x05\x12\x0c\n\x08\x44T_UINT8\x10\x06\x12\x0b\n\x07\x44T_BOOL\x10\x07\x12\x0f\n\x0b\x44T_BFLOAT16\x10\x08\x32\xf8\x01\n\x06Scorer\x12G\n\x06Select\x12\x1d.jest_stream.v1.SelectRequest\x1a\x1e.jest_stream.v1.SelectResponse\x12P\n\tReference\x12 .jest_stream.v1.ReferenceRequest\x1a!.jest_stream.v1.ReferenceResponse\x12S\n\nListModels\x12!.jest_stream.v1.ListModelsRequest\x1a\".jest_stream.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjest_stream/v1/scorer.proto\x12\x0ejest_stream.v1\"N\n\x06Tensor\x12\'\n\x05\x64type\x18\x01 \x01(\x0e\x32\x18.jest_stream.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xbb\x01\n\rLearnerScores\x12&\n\x06losses\x18\x01 \x01(\x0b\x32\x16.jest_stream.v1.Tensor\x12,\n\x0cimage_embeds\x18\x02 \x01(\x0b\x32\x16.jest_stream.v1.Tensor\x12+\n\x0btext_embeds\x18\x03 \x01(\x0b\x32\x16.jest_stream.v1.Tensor\x12\x13\n\x0blogit_scale\x18\x04 \x01(\x02\x12\x12\n\nlogit_bias\x18\x05 \x01(\x02\"\x9d\x03\n\rSelectRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\t\x12\x39\n\x06inputs\x18\x04 \x03(\x0b\x32).jest_stream.v1.SelectRequest.InputsEntry\x12.\n\x07learner\x18\x05 \x01(\x0b\x32\x1d.jest_stream.v1.LearnerScores\x12\x10\n\x08n_select\x18\x06 \x01(\r\x12\r\n\x05score\x18\x07 \x01(\t\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x10\n\x08n_chunks\x18\t \x01(\r\x12\x12\n\nscore_gain\x18\n \x01(\x02\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x00\x88\x01\x01\x12\x0f\n\x07\x64\x61taset\x18\x0c \x01(\t\x12\x15\n\rsoftmax_score\x18\r \x01(\t\x12\x11\n\tlookahead\x18\x0e \x01(\t\x1a\x45\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.jest_stream.v1.Tensor:\x02\x38\x01\x42\x07\n\x05_seed\"\xdd\x02\n\x0eSelectResponse\x12\x0f\n\x07indices\x18\x01 \x03(\x03\x12\x12\n\nmean_score\x18\x02 \x01(\x01\x12\x16\n\x0emean_score_all\x18\x03 \x01(\x01\x12\x12\n\ncache_hits\x18\x04 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x05 \x01(\r\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x1e\n\x11mean_learner_loss\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13mean_reference_loss\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12$\n\x17reference_above_learner\x18\t \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x13nonfinite_reference\x18\n \x01(\rB\x14\n\x12_mean_learner_lossB\x16\n\x14_mean_reference_lossB\x1a\n\x18_reference_above_learner\"\xed\x01\n\x10ReferenceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\t\x12<\n\x06inputs\x18\x04 \x03(\x0b\x32,.jest_stream.v1.ReferenceRequest.InputsEntry\x12\x16\n\x0ereturn_outputs\x18\x05 \x01(\x08\x12\x0f\n\x07\x64\x61taset\x18\x06 \x01(\t\x1a\x45\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.jest_stream.v1.Tensor:\x02\x38\x01\"\xfa\x01\n\x11ReferenceResponse\x12?\n\x07outputs\x18\x01 \x03(\x0b\x32..jest_stream.v1.ReferenceResponse.OutputsEntry\x12\x12\n\ncache_hits\x18\x02 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x1b\n\x13nonfinite_reference\x18\x05 \x01(\r\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.jest_stream.v1.Tensor:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"R\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.jest_stream.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb6\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12*\n\x06inputs\x18\x03 \x03(\x0b\x32\x1a.jest_stream.v1.TensorSpec\x12+\n\x07outputs\x18\x04 \x03(\x0b\x32\x1a.jest_stream.v1.TensorSpec\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x13\n\x0blogit_scale\x18\x06 \x01(\x02\x12\x12\n\nlogit_bias\x18\x07 \x01(\x02\x12\x44\n\x0e\x63\x61\x63hed_entries\x18\x08 \x03(\x0b\x32,.jest_stream.v1.ModelInfo.CachedEntriesEntry\x1a\x34\n\x12\x43\x61\x63hedEntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.jest_stream.v1.ModelInfo*\x92\x01\n\x08\x44\x61taType\x12\x0e\n\nDT_INVALID\x10\x00\x12\x0e\n\nDT_FLOAT16\x10\x01\x12\x0e\n\nDT_FLOAT32\x10\x02\x12\x0e\n\nDT_FLOAT64\x10\x03\x12\x0c\n\x08\x44T_INT32\x10\x04\x12\x0c\n\x08\x44T_INT64\x10\x05\x12\x0c\n\x08\x44T_UINT8\x10\x06\x12\x0b\n\x07\x44T_BOOL\x10\x07\x12\x0f\n\x0b\x44T_BFLOAT16\x10\x08\x32\xf8\x01\n\x06Scorer\x12G\n\x06Select\x12\x1d.jest_stream.v1.SelectRequest\x1a\x1e.jest_stream.v1.SelectResponse\x12P\n\tReference\x12 .jest_stream.v1.ReferenceRequest\x1a!.jest_stream.v1.ReferenceResponse\x12S\n\nListModels\x12!.jest_stream.v1.ListModelsRequest\x1a\".jest_stream.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -29,36 +29,36 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_REFERENCERESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO_CACHEDENTRIESENTRY']._options = None
   _globals['_MODELINFO_CACHEDENTRIESENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=2064
-  _globals['_DATATYPE']._serialized_end=2210
+  _globals['_DATATYPE']._serialized_start=2062
+  _globals['_DATATYPE']._serialized_end=2208
   _globals['_TENSOR']._serialized_start=47
   _globals['_TENSOR']._serialized_end=125
   _globals['_LEARNERSCORES']._serialized_start=128
   _globals['_LEARNERSCORES']._serialized_end=315
   _globals['_SELECTREQUEST']._serialized_start=318
-  _globals['_SELECTREQUEST']._serialized_end=733
-  _globals['_SELECTREQUEST_INPUTSENTRY']._serialized_start=655
-  _globals['_SELECTREQUEST_INPUTSENTRY']._serialized_end=724
-  _globals['_SELECTRESPONSE']._serialized_start=736
-  _globals['_SELECTRESPONSE']._serialized_end=1085
-  _globals['_REFERENCEREQUEST']._serialized_start=1088
-  _globals['_REFERENCEREQUEST']._serialized_end=1325
-  _globals['_REFERENCEREQUEST_INPUTSENTRY']._serialized_start=655
-  _globals['_REFERENCEREQUEST_INPUTSENTRY']._serialized_end=724
-  _globals['_REFERENCERESPONSE']._serialized_start=1328
-  _globals['_REFERENCERESPONSE']._serialized_end=1578
-  _globals['_REFERENCERESPONSE_OUTPUTSENTRY']._serialized_start=1508
-  _globals['_REFERENCERESPONSE_OUTPUTSENTRY']._serialized_end=1578
-  _globals['_LISTMODELSREQUEST']._serialized_start=1580
-  _globals['_LISTMODELSREQUEST']._serialized_end=1599
-  _globals['_TENSORSPEC']._serialized_start=1601
-  _globals['_TENSORSPEC']._serialized_end=1683
-  _globals['_MODELINFO']._serialized_start=1686
-  _globals['_MODELINFO']._serialized_end=1996
-  _globals['_MODELINFO_CACHEDENTRIESENTRY']._serialized_start=1944
-  _globals['_MODELINFO_CACHEDENTRIESENTRY']._serialized_end=1996
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1998
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2061
-  _globals['_SCORER']._serialized_start=2213
-  _globals['_SCORER']._serialized_end=2461
+  _globals['_SELECTREQUEST']._serialized_end=731
+  _globals['_SELECTREQUEST_INPUTSENTRY']._serialized_start=653
+  _globals['_SELECTREQUEST_INPUTSENTRY']._serialized_end=722
+  _globals['_SELECTRESPONSE']._serialized_start=734
+  _globals['_SELECTRESPONSE']._serialized_end=1083
+  _globals['_REFERENCEREQUEST']._serialized_start=1086
+  _globals['_REFERENCEREQUEST']._serialized_end=1323
+  _globals['_REFERENCEREQUEST_INPUTSENTRY']._serialized_start=653
+  _globals['_REFERENCEREQUEST_INPUTSENTRY']._serialized_end=722
+  _globals['_REFERENCERESPONSE']._serialized_start=1326
+  _globals['_REFERENCERESPONSE']._serialized_end=1576
+  _globals['_REFERENCERESPONSE_OUTPUTSENTRY']._serialized_start=1506
+  _globals['_REFERENCERESPONSE_OUTPUTSENTRY']._serialized_end=1576
+  _globals['_LISTMODELSREQUEST']._serialized_start=1578
+  _globals['_LISTMODELSREQUEST']._serialized_end=1597
+  _globals['_TENSORSPEC']._serialized_start=1599
+  _globals['_TENSORSPEC']._serialized_end=1681
+  _globals['_MODELINFO']._serialized_start=1684
+  _globals['_MODELINFO']._serialized_end=1994
+  _globals['_MODELINFO_CACHEDENTRIESENTRY']._serialized_start=1942
+  _globals['_MODELINFO_CACHEDENTRIESENTRY']._serialized_end=1994
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1996
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2059
+  _globals['_SCORER']._serialized_start=2211
+  _globals['_SCORER']._serialized_end=2459
 # @@protoc_insertion_point(module_scope)

@@ -52,7 +52,7 @@ class LearnerScores(_message.Message):
     def __init__(self, losses: _Optional[_Union[Tensor, _Mapping]] = ..., image_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., text_embeds: _Optional[_Union[Tensor, _Mapping]] = ..., logit_scale: _Optional[float] = ..., logit_bias: _Optional[float] = ...) -> None: ...
 
 class SelectRequest(_message.Message):
-    __slots__ = ("model", "job_id", "keys", "inputs", "learner", "n_select", "score", "sampler", "n_chunks", "score_gain", "seed", "dataset", "softmax_score", "first_chunk")
+    __slots__ = ("model", "job_id", "keys", "inputs", "learner", "n_select", "score", "sampler", "n_chunks", "score_gain", "seed", "dataset", "softmax_score", "lookahead")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,7 +73,7 @@ class SelectRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SOFTMAX_SCORE_FIELD_NUMBER: _ClassVar[int]
-    FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
     model: str
     job_id: str
     keys: _containers.RepeatedScalarFieldContainer[str]
@@ -87,8 +87,8 @@ class SelectRequest(_message.Message):
     seed: int
     dataset: str
     softmax_score: str
-    first_chunk: str
-    def __init__(self, model: _Optional[str] = ..., job_id: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., learner: _Optional[_Union[LearnerScores, _Mapping]] = ..., n_select: _Optional[int] = ..., score: _Optional[str] = ..., sampler: _Optional[str] = ..., n_chunks: _Optional[int] = ..., score_gain: _Optional[float] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., softmax_score: _Optional[str] = ..., first_chunk: _Optional[str] = ...) -> None: ...
+    lookahead: str
+    def __init__(self, model: _Optional[str] = ..., job_id: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., learner: _Optional[_Union[LearnerScores, _Mapping]] = ..., n_select: _Optional[int] = ..., score: _Optional[str] = ..., sampler: _Optional[str] = ..., n_chunks: _Optional[int] = ..., score_gain: _Optional[float] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., softmax_score: _Optional[str] = ..., lookahead: _Optional[str] = ...) -> None: ...
 
 class SelectResponse(_message.Message):
     __slots__ = ("indices", "mean_score", "mean_score_all", "cache_hits", "cache_misses", "model_version", "mean_learner_loss", "mean_reference_loss", "reference_above_learner", "nonfinite_reference")

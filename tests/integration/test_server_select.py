@@ -267,7 +267,7 @@ async def test_queue_bound_refuses_with_resource_exhausted(start_server, per_exa
 
 
 @pytest.mark.parametrize("kind,rule", [("softmax_contrastive", {"softmax_score": "own"}),
-                                       ("sigmoid_contrastive", {"first_chunk": "in_batch"})])
+                                       ("sigmoid_contrastive", {"lookahead": "none"})])
 def test_every_selection_option_reaches_the_scorer(server, refs, digits, kind, rule):
     """The options past score/sampler/chunks/gain travel too: a RemoteScorer's Select with them
     is the core's answer under that rule, not under the default one."""
@@ -290,7 +290,7 @@ def test_every_selection_option_reaches_the_scorer(server, refs, digits, kind, r
     assert got.indices.tolist() == want.indices.tolist()
 
 
-@pytest.mark.parametrize("field", ["softmax_score", "first_chunk"])
+@pytest.mark.parametrize("field", ["softmax_score", "lookahead"])
 async def test_unknown_option_values_are_refused_naming_the_field(server, digits, field):
     """A client sending a rule the scorer does not know gets INVALID_ARGUMENT naming the field
     (never the default rule silently); the same value is refused in-process too."""

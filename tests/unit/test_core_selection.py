@@ -130,7 +130,7 @@ class MatrixScores:
     def diagonal(self) -> np.ndarray:
         return np.diag(self.s).copy()
 
-    def initial(self) -> np.ndarray:
+    def initial(self, n_select: int) -> np.ndarray:
         self.c = self.diagonal()
         return self.c
 
@@ -244,69 +244,72 @@ def test_topk_is_the_high_gain_limit_of_joint_on_per_example_scores():
 
 # 4. Incremental == full-matrix, same seed ---------------------------------------------------
 
-def full_matrix_sigmoid_joint(learner, reference, n_select, n_chunks, seed, gain=1.0, first="diagonal"):
-    """With first="in_batch", the first chunk's score is c_i's mean over random sets of
-    n_select - 1 others: S_ii + (n_select - 1) / (B - 1) * sum_{j != i} (S_ij + S_ji)."""
+def share(n_select, n_selected, batch):
+    """rho: the chance that another unselected example is in a random completion of S."""
+    return max(n_select - n_selected - 1, 0) / (batch - n_selected - 1)
+
+
+def full_matrix_sigmoid_joint(learner, reference, n_select, n_chunks, seed, gain=1.0, lookahead=True):
+    """c_i = S_ii + sum_{k in S} (S_ik + S_ki), and with lookahead + rho * sum over the
+    other unselected k of (S_ik + S_ki), from the full matrix S."""
     s = sigmoid_matrix(learner, reference)
     batch = s.shape[0]
     rng = np.random.default_rng(seed)
     taken = np.zeros(batch, dtype=bool)
     out = []
-    sizes = chunk_sizes(n_select, n_chunks)
-    for step, size in enumerate(sizes):
-        c = np.array([s[i, i] + sum(s[i, k] + s[k, i] for k in out) for i in range(batch)])
-        if step == 0 and first == "in_batch":
-            pairs = np.array([sum(s[i, j] + s[j, i] for j in range(batch) if j != i) for i in range(batch)])
-            c = c + (n_select - 1) / (batch - 1) * pairs
+    for size in chunk_sizes(n_select, n_chunks):
+        rho = share(n_select, len(out), batch) if lookahead else 0.0
+        c = np.array([s[i, i] + sum(s[i, k] + s[k, i] for k in out)
+                      + rho * sum(s[i, k] + s[k, i] for k in range(batch) if k != i and not taken[k])
+                      for i in range(batch)])
         pick = gumbel_topk(gain * c, size, rng, taken)
         taken[pick] = True
         out.extend(pick.tolist())
     return np.array(out)
 
 
-def full_matrix_softmax_joint(learner, reference, n_select, n_chunks, seed, gain=1.0):
-    """CLIP conditional loss of candidate i: its image->text and text->image cross-entropy
-    within S + {i}; given the empty set, within the whole super-batch."""
-    def own_losses(m, context):
+def full_matrix_softmax_joint(learner, reference, n_select, n_chunks, seed, gain=1.0, lookahead=True):
+    """CLIP's own-loss score of candidate i: its image->text and text->image cross-entropy
+    over S + {i}, every other example weighted rho (lookahead) or 0; given the empty set
+    without lookahead, over the whole super-batch."""
+    def own_losses(m, selected, rho):
         x = m.logit_scale * (m.image.astype(np.float64) @ m.text.T.astype(np.float64))
         n = x.shape[0]
         losses = np.empty(n)
         for i in range(n):
-            ctx = [j for j in (context if context else range(n)) if j != i] + [i]
-            losses[i] = 0.5 * (np.logaddexp.reduce(x[i, ctx]) - x[i, i]) + \
-                0.5 * (np.logaddexp.reduce(x[ctx, i]) - x[i, i])
+            w = np.full(n, 1.0 if not selected and not lookahead else rho)
+            w[selected + [i]] = 1.0
+            with np.errstate(divide="ignore"):
+                logw = np.log(w)
+            losses[i] = 0.5 * (np.logaddexp.reduce(x[i] + logw) - x[i, i]) + \
+                0.5 * (np.logaddexp.reduce(x[:, i] + logw) - x[i, i])
         return losses
 
     rng = np.random.default_rng(seed)
-    taken = np.zeros(learner.image.shape[0], dtype=bool)
+    batch = learner.image.shape[0]
+    taken = np.zeros(batch, dtype=bool)
     out: list[int] = []
     for size in chunk_sizes(n_select, n_chunks):
-        c = own_losses(learner, out) - own_losses(reference, out)
+        rho = share(n_select, len(out), batch) if lookahead else 0.0
+        c = own_losses(learner, out, rho) - own_losses(reference, out, rho)
         pick = gumbel_topk(gain * c, size, rng, taken)
         taken[pick] = True
         out.extend(pick.tolist())
     return np.array(out)
 
 
+@pytest.mark.parametrize("lookahead", ["in_batch", "none"])
 @pytest.mark.parametrize("kind,reference_impl", [
     ("sigmoid_contrastive", full_matrix_sigmoid_joint),
     ("softmax_contrastive", full_matrix_softmax_joint),
 ])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_incremental_joint_equals_full_matrix(kind, reference_impl, seed):
+def test_incremental_joint_equals_full_matrix(kind, reference_impl, seed, lookahead):
     learner, reference = make_pair(seed, batch=48, dim=8)
     ours = select(13, kind=kind, learner=learner, reference=reference, seed=seed,
-                  options=SelectOptions(n_chunks=4, score_gain=2.0, softmax_score="own")).indices
-    theirs = reference_impl(learner, reference, 13, 4, seed, gain=2.0)
-    assert ours.tolist() == theirs.tolist()
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_in_batch_first_chunk_equals_full_matrix(seed):
-    learner, reference = make_pair(seed, batch=48, dim=8)
-    ours = select(13, kind="sigmoid_contrastive", learner=learner, reference=reference, seed=seed,
-                  options=SelectOptions(n_chunks=4, score_gain=2.0, first_chunk="in_batch")).indices
-    theirs = full_matrix_sigmoid_joint(learner, reference, 13, 4, seed, gain=2.0, first="in_batch")
+                  options=SelectOptions(n_chunks=4, score_gain=2.0, softmax_score="own",
+                                        lookahead=lookahead)).indices
+    theirs = reference_impl(learner, reference, 13, 4, seed, gain=2.0, lookahead=lookahead == "in_batch")
     assert ours.tolist() == theirs.tolist()
 
 
@@ -320,8 +323,9 @@ def test_sigmoid_topk_ranks_by_the_whole_in_batch_loss():
     assert sorted(got.tolist()) == sorted(np.argsort(-want)[:20].tolist())
 
 
-def test_chunk_sizes_put_the_remainder_last():
-    assert chunk_sizes(50, 16) == [3] * 15 + [5]
+def test_chunk_sizes_spread_the_remainder():
+    assert chunk_sizes(50, 16) == [4] * 2 + [3] * 14
+    assert chunk_sizes(26, 16) == [2] * 10 + [1] * 6  # not 15 chunks of 1 and one of 11
     assert chunk_sizes(5, 16) == [1] * 5
     assert sum(chunk_sizes(819, 16)) == 819
 
