@@ -96,20 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, defaults: dict, kind: str):
     from jest_stream.demo.training import TrainConfig
-    from jest_stream.options import DEFAULT_GAINS
+    from jest_stream.options import DEFAULT_GAINS, SelectOptions
 
     big_b = args.super_batch or defaults["super_batch"]
     if not 0.0 <= args.filter_ratio < 1.0:
         raise SystemExit(f"--filter-ratio: expected a fraction in [0, 1), got {args.filter_ratio}")
     small_b = max(1, int(round((1.0 - args.filter_ratio) * big_b)))
-    return TrainConfig(
-        steps=args.steps or defaults["steps"], super_batch=big_b, sub_batch=small_b,
-        lr=args.lr or defaults["lr"],
-        score_gain=float(args.score_gain if args.score_gain is not None else defaults["score_gain"]
-                         if defaults["score_gain"] is not None else DEFAULT_GAINS[kind]),
-        n_chunks=args.n_chunks or defaults["n_chunks"],
-        eval_every=args.eval_every or defaults["eval_every"], lookahead=args.lookahead,
-    )
+    gain = args.score_gain if args.score_gain is not None else defaults["score_gain"]
+    try:
+        rule = SelectOptions(score="learnability",
+                             score_gain=float(DEFAULT_GAINS[kind] if gain is None else gain),
+                             n_chunks=args.n_chunks or defaults["n_chunks"], lookahead=args.lookahead)
+    except ValueError as exc:  # e.g. --score-gain -1: say so before any data is made
+        raise SystemExit(f"demo: {exc}") from None
+    return TrainConfig(steps=args.steps or defaults["steps"], super_batch=big_b, sub_batch=small_b,
+                       lr=args.lr or defaults["lr"], eval_every=args.eval_every or defaults["eval_every"],
+                       rule=rule)
 
 
 @contextlib.contextmanager
@@ -172,7 +174,8 @@ def _summary_config(args: argparse.Namespace, task: Any, config: Any, noise: flo
         "description": task.description.format(noise=noise), "variant": task.name + task.file_suffix,
         "noise": noise, "super_batch": config.super_batch, "sub_batch": config.sub_batch,
         "filter_ratio": round(config.filter_ratio, 4), "steps": config.steps, "lr": config.lr,
-        "score_gain": config.score_gain, "n_chunks": config.n_chunks, "lookahead": config.lookahead,
+        "score_gain": config.rule.score_gain, "n_chunks": config.rule.n_chunks,
+        "lookahead": config.rule.lookahead,
         "eval_every": config.eval_every,
         "seeds": seeds, "scorer": scorer, "threads": args.threads,
     }

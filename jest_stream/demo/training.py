@@ -8,6 +8,7 @@ the given sampler, and the loop trains on what it yields. Steps are learner upda
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -26,16 +27,16 @@ from jest_stream.options import SelectOptions
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of one run (shared by every method, so the comparison is fair)."""
+    """Hyperparameters of one run (shared by every method, so the comparison is fair);
+    ``rule`` is the selection rule (learnability; its gain, chunks and lookahead), each
+    method's run taking it with its own sampler."""
 
     steps: int
     super_batch: int
     sub_batch: int
     lr: float
-    score_gain: float
-    n_chunks: int
     eval_every: int
-    lookahead: str = "in_batch"  # the joint rule's (SelectOptions.lookahead)
+    rule: SelectOptions
 
     @property
     def filter_ratio(self) -> float:
@@ -139,8 +140,7 @@ def train_run(task: Task, train: SuperBatches, corrupted: dict[str, bool], test:
     loader = JESTLoader(
         super_batch_loader(train, config.super_batch, seed), task.score_fn(model), scorer,
         model=model_name, n_select=config.sub_batch, seed=seed,
-        options=SelectOptions(score="learnability", sampler=method, n_chunks=config.n_chunks,
-                              score_gain=config.score_gain, lookahead=config.lookahead),
+        options=dataclasses.replace(config.rule, sampler=method),
         job=f"{job}-{method}-seed{seed}", prefetch=True, dataset=train.dataset,
     )
     steps: list[int] = []

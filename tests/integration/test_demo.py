@@ -209,6 +209,16 @@ def test_large_super_batches_pick_the_large_preset():
         demo.main(["--task", "classification", "--loss", "softmax"])
 
 
+def test_a_bad_selection_rule_is_refused_before_any_training(tmp_path):
+    """The demo's rule is one SelectOptions built from the flags: a bad gain stops the run
+    at once with the field's message (not a traceback after the reference has trained)."""
+    with pytest.raises(SystemExit, match="score_gain: must be a positive"):
+        demo.main(["--task", "contrastive", "--score-gain", "-1", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        demo.main(["--task", "contrastive", "--lookahead", "sometimes", "--out", str(tmp_path)])
+
+
 def test_saved_results_redraw_as_one_figure(tmp_path, capsys):
     """--json --curves results are enough to draw the docs' figure, a panel per result."""
     from jest_stream.demo.report import main as report_main
