@@ -91,7 +91,7 @@ class SigmoidScores:
     def __init__(self, learner: Embeddings | None, reference: Embeddings | None,
                  score: str = "learnability", lookahead: str = "in_batch"):
         self._towers = towers(learner, reference, score, with_bias=True)
-        self._lookahead = check_name(lookahead, LOOKAHEADS, "lookahead") == "in_batch"
+        self._lookahead = lookahead == "in_batch"
         self._n_select = self._n = 0
         self._pairs: Any = None
         diag = None
@@ -166,6 +166,7 @@ def conditional_scores(kind: str, learner: Any, reference: Any, score: str = "le
     picks the softmax candidate score (``marginal`` or ``own``), ``lookahead`` whether the
     contrastive scores count the rest of the sub-batch (``in_batch``) or not (``none``)."""
     kind = check_name(kind, LOSS_KINDS, "kind")
+    lookahead = check_name(lookahead, LOOKAHEADS, "lookahead")
     if kind == "per_example":
         return PerExampleScores(learner, reference, score)
     if kind == "sigmoid_contrastive":

@@ -67,3 +67,16 @@ def test_overflowing_scores_are_refused_not_duplicated():
     huge = Embeddings(zi, zi, 3e38, -5.0)
     with pytest.raises(ValueError, match="learner: scores overflowed"):
         select(8, kind="sigmoid_contrastive", learner=huge, reference=EMB, seed=1)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid_contrastive", "softmax_contrastive"])
+def test_conditional_scores_refuse_an_unknown_lookahead(kind):
+    """A caller of the trackers without SelectOptions (a bench, another library) gets the
+    field named, for both kinds alike, never JEST's rule in silence."""
+    from jest_stream.conditional import conditional_scores
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((8, 4)).astype(np.float32)
+    emb = Embeddings(z, z, 10.0, -5.0 if kind.startswith("sigmoid") else 0.0)
+    with pytest.raises(ValueError, match="lookahead: unknown value 'In_Batch'"):
+        conditional_scores(kind, emb, emb, lookahead="In_Batch")
